@@ -1,0 +1,3616 @@
+"""spaps_client: a zero-dependency Python client for SPAPS.
+
+SPAPS is the Sweet Potato Authentication & Payment Service. This single module
+is the whole client: password, magic-link and wallet sign-in, sessions, Stripe
+checkouts, crypto invoices, usage metering, secure messages, whitelist and
+health checks, with a sync surface (``SpapsClient``) and an async one
+(``AsyncSpapsClient``). It imports only the Python standard library (3.9+), so
+it can be vendored as one file, installed with ``pip install spaps`` or
+shipped in an AWS Lambda layer.
+
+Version: see ``__version__`` below.   Licence: MIT (see the LICENSE file of
+the ``spaps`` distribution).   Documentation: the ``docs/`` directory of the
+``spaps`` source distribution (docs/api.md is the reference).
+
+Quick start::
+
+    from spaps_client import SpapsClient
+
+    with SpapsClient(base_url="https://spaps.example.com", api_key="...") as spaps:
+        spaps.auth.sign_in_with_password(email="a@example.com", password="...")
+        print(spaps.sessions.get_current_session().session_id)
+
+Sections, top-down: configuration, errors, transport, models, token storage,
+services, webhooks, aggregate clients, command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import MISSING, dataclass, field, fields
+from datetime import datetime, timedelta, timezone
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    ClassVar,
+    Dict,
+    Generic,
+    List,
+    Mapping,
+    Optional,
+    Tuple,
+    Type,
+    TypeVar,
+    Union,
+)
+
+if TYPE_CHECKING:  # imported lazily at run time: they cost import time
+    import http.client
+    import ssl
+    from concurrent.futures import ThreadPoolExecutor
+    from contextlib import AbstractContextManager
+    from typing import Concatenate, Coroutine, ParamSpec
+
+    _P = ParamSpec("_P")
+
+__version__ = "0.5.0"
+
+__all__ = [
+    "__version__",
+    # configuration
+    "Settings", "RetryConfig", "LoggingHooks", "default_logging_hooks",
+    "DEFAULT_BASE_URL", "DEFAULT_API_KEY", "DEFAULT_TIMEOUT",
+    # errors
+    "SpapsError", "SpapsTransportError", "SpapsTimeoutError", "SpapsConfigurationError",
+    "AuthError", "SessionError", "PaymentsError", "CryptoPaymentsError", "UsageError",
+    "WhitelistError", "SecureMessagesError", "MetricsError", "WebhookVerificationError",
+    # transport
+    "HttpRequest", "HttpResponse", "RetryClient", "RetryAsyncClient", "create_http_client",
+    # models
+    "NonceResponse", "TokenPair", "TokenUser", "RegistrationTokens", "RegistrationUser",
+    "RegistrationResponse", "MagicLinkSendResponse", "MagicLinkAuthResponse", "MessageResponse",
+    "UserWallet", "UserProfile", "PasswordResetRequestResponse",
+    "SessionSummary", "SessionValidationResult", "SessionListResult", "SessionRecord",
+    "SessionTouchResult", "SessionRevokeResult",
+    "CheckoutSession", "PaymentIntent", "WalletDeposit", "WalletTransaction", "SubscriptionPlan",
+    "SubscriptionDetail", "SubscriptionCancellation", "BalanceOverview", "BalanceAmounts",
+    "UsageSummary", "PaymentMethodUpdateResult",
+    "CryptoInvoice", "CryptoInvoiceStatus", "CryptoReconcileJob",
+    "UsagePeriod", "UsageFeature", "UsageFeaturesResponse", "UsageRecordUsage",
+    "UsageRecordResult", "UsageHistoryEntry", "UsageHistoryResponse",
+    "WhitelistEntry", "WhitelistCheckResult", "WhitelistListResult", "WhitelistMessage",
+    "SecureMessage", "SpapsWebhookPayload",
+    # token storage
+    "StoredTokens", "TokenStorage", "InMemoryTokenStorage", "FileTokenStorage",
+    # services
+    "AuthClient", "SessionsClient", "PaymentsClient", "CryptoPaymentsClient", "UsageClient",
+    "WhitelistClient", "SecureMessagesClient", "MetricsClient",
+    "AsyncAuthClient", "AsyncSessionsClient", "AsyncPaymentsClient",
+    "AsyncCryptoPaymentsClient", "AsyncUsageClient", "AsyncWhitelistClient",
+    "AsyncSecureMessagesClient", "AsyncMetricsClient",
+    # webhooks
+    "verify_crypto_webhook_signature", "verify_spaps_webhook", "generate_test_signature",
+    # aggregate clients
+    "SpapsClient", "AsyncSpapsClient",
+    "main",
+]
+
+_T = TypeVar("_T")
+_M = TypeVar("_M", bound="_Model")
+_S = TypeVar("_S", bound="_Service")
+
+_REDACTED = "[redacted]"
+_USER_AGENT = (
+    f"spaps-python/{__version__} (stdlib; Python {sys.version_info[0]}.{sys.version_info[1]})"
+)
+
+
+# =============================================================================
+# Configuration
+# =============================================================================
+
+DEFAULT_BASE_URL = "http://localhost:3300"
+"""Where a client points when neither ``base_url`` nor ``SPAPS_API_URL`` is given."""
+
+DEFAULT_API_KEY = "test_key_local_dev_only"
+"""The development API key used when neither ``api_key`` nor ``SPAPS_API_KEY`` is given."""
+
+DEFAULT_TIMEOUT = 10.0
+"""Seconds allowed for one call, retries included, unless configured otherwise."""
+
+
+@dataclass
+class Settings:
+    """Connection settings, read from arguments first and ``SPAPS_*`` variables second.
+
+    An explicit argument (anything but ``None``) wins over the environment; an
+    unset or empty variable falls back to the defaults. The API key never
+    appears in ``repr()``.
+    """
+
+    base_url: str = ""
+    api_key: str = field(default="", repr=False)
+    request_timeout: float = DEFAULT_TIMEOUT
+
+    def __init__(
+        self,
+        *,
+        base_url: Optional[str] = None,
+        api_key: Optional[str] = None,
+        request_timeout: Optional[float] = None,
+    ) -> None:
+        self.base_url = base_url if base_url is not None else (
+            os.environ.get("SPAPS_API_URL") or DEFAULT_BASE_URL
+        )
+        self.api_key = api_key if api_key is not None else (
+            os.environ.get("SPAPS_API_KEY") or DEFAULT_API_KEY
+        )
+        if request_timeout is None:
+            raw = os.environ.get("SPAPS_REQUEST_TIMEOUT")
+            request_timeout = float(raw) if raw else DEFAULT_TIMEOUT
+        self.request_timeout = float(request_timeout)
+
+
+@dataclass
+class RetryConfig:
+    """How failed calls are retried. Retries are on by default (``RetryConfig()``).
+
+    A request is sent again only when that cannot duplicate its effect: the
+    method is listed in ``methods`` (idempotent by HTTP), the call carries an
+    idempotency key, the connection could not be established, or the server
+    answered 429 (it did not process the request). A ``Retry-After`` header is
+    honoured up to ``max_retry_after`` seconds; a longer one fails the call at
+    once with the error's ``retry_after`` set. ``retry_quota`` bounds retries
+    across all calls of one client (a token bucket as in botocore's standard
+    mode) so a dead server is not hammered by every caller.
+    """
+
+    max_attempts: int = 3
+    backoff_factor: float = 0.5
+    jitter: bool = True
+    status_codes: Tuple[int, ...] = (429, 500, 502, 503, 504)
+    methods: Tuple[str, ...] = ("GET", "HEAD", "OPTIONS", "DELETE", "PUT")
+    max_backoff: float = 8.0
+    max_retry_after: float = 30.0
+    retry_quota: int = 500
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("RetryConfig.max_attempts must be at least 1")
+        if self.backoff_factor < 0 or self.max_backoff < 0 or self.max_retry_after < 0:
+            raise ValueError("RetryConfig delays must not be negative")
+        self.status_codes = tuple(int(code) for code in self.status_codes)
+        self.methods = tuple(method.upper() for method in self.methods)
+
+    def is_retryable(self, request: HttpRequest, response: Optional[HttpResponse]) -> bool:
+        """Whether ``request`` may be sent again after ``response`` (``None``: it raised)."""
+        if request.method.upper() not in self.methods and not request.idempotency_key:
+            # A 429 means the server did not act on the request, so even a POST may go again.
+            return (response is not None and response.status_code == 429
+                    and 429 in self.status_codes)
+        return response is None or response.status_code in self.status_codes
+
+    def get_backoff(self, attempt: int) -> float:
+        """Seconds to wait before attempt number ``attempt`` (1-based)."""
+        if attempt <= 1:
+            return 0.0
+        delay = min(self.max_backoff, self.backoff_factor * (2.0 ** (attempt - 2)))
+        if self.jitter and delay > 0:
+            import random
+
+            # Equal jitter: spread the retries without ever collapsing to zero.
+            delay = delay / 2 + random.uniform(0, delay / 2)  # noqa: S311 - not crypto
+        return delay
+
+
+_HookRequest = Callable[["HttpRequest"], None]
+
+
+@dataclass
+class LoggingHooks:
+    """Callbacks observing every HTTP exchange; each field is optional.
+
+    ``on_request(request)`` once per call; ``on_response(request, response,
+    elapsed, attempt)`` for every attempt that got an answer; ``on_error(request,
+    exc, attempt)`` for every attempt that raised; ``on_retry(request,
+    attempt)`` before attempt ``attempt`` (>= 2); ``on_backoff(request, delay,
+    attempt)`` before sleeping ``delay`` seconds; ``on_give_up(request, reason,
+    attempt)`` when a retryable failure is not retried. Requests and responses
+    handed to hooks never contain credentials. A hook that raises is reported
+    on the ``spaps_client.http`` logger and otherwise ignored.
+    """
+
+    on_request: Optional[Callable[[HttpRequest], None]] = None
+    on_response: Optional[Callable[[HttpRequest, HttpResponse, float, int], None]] = None
+    on_error: Optional[Callable[[HttpRequest, Exception, int], None]] = None
+    on_retry: Optional[Callable[[HttpRequest, int], None]] = None
+    on_backoff: Optional[Callable[[HttpRequest, float, int], None]] = None
+    on_give_up: Optional[Callable[[HttpRequest, str, int], None]] = None
+
+
+def default_logging_hooks() -> LoggingHooks:
+    """Hooks that log to the ``spaps_client.http`` logger with structured ``extra`` fields."""
+    import logging
+
+    logger = logging.getLogger("spaps_client.http")
+
+    def on_request(request: HttpRequest) -> None:
+        logger.debug("HTTP request", extra={"method": request.method, "url": request.url})
+
+    def on_response(
+        request: HttpRequest, response: HttpResponse, elapsed: float, attempt: int
+    ) -> None:
+        logger.info(
+            "HTTP response",
+            extra={
+                "method": request.method, "url": request.url, "status": response.status_code,
+                "elapsed": elapsed, "attempt": attempt, "request_id": response.request_id,
+            },
+        )
+
+    def on_error(request: HttpRequest, exc: Exception, attempt: int) -> None:
+        logger.warning(
+            "HTTP error",
+            extra={"method": request.method, "url": request.url, "error": repr(exc),
+                   "attempt": attempt},
+        )
+
+    def on_retry(request: HttpRequest, attempt: int) -> None:
+        logger.debug(
+            "HTTP retry", extra={"method": request.method, "url": request.url, "attempt": attempt}
+        )
+
+    def on_backoff(request: HttpRequest, delay: float, attempt: int) -> None:
+        logger.debug(
+            "HTTP backoff",
+            extra={"method": request.method, "url": request.url, "delay": delay,
+                   "attempt": attempt},
+        )
+
+    def on_give_up(request: HttpRequest, reason: str, attempt: int) -> None:
+        logger.warning(
+            "HTTP give up",
+            extra={"method": request.method, "url": request.url, "reason": reason,
+                   "attempt": attempt},
+        )
+
+    return LoggingHooks(on_request, on_response, on_error, on_retry, on_backoff, on_give_up)
+
+
+def _coerce_config(value: Any, kind: Type[_T]) -> Optional[_T]:
+    """Accept a config dataclass or a plain dict of its fields."""
+    if value is None or isinstance(value, kind):
+        return value
+    if isinstance(value, Mapping):
+        return kind(**value)
+    raise TypeError(f"expected {kind.__name__} or dict, got {type(value).__name__}")
+
+
+# =============================================================================
+# Errors
+# =============================================================================
+
+
+class SpapsError(Exception):
+    """Base class of every error this client raises on a failed call.
+
+    Attributes: ``message``; ``status_code`` (HTTP status, ``None`` when no
+    response arrived); ``error_code`` (the server's code such as
+    ``INVALID_CREDENTIALS``); ``request_id`` (for support tickets); ``response``
+    (an ``HttpResponse`` without body, or ``None``); ``retry_after`` (seconds
+    the server asked to wait, if any); ``retryable`` (whether sending the same
+    request again later is safe and may succeed). ``str(error)`` is the message.
+    """
+
+    _MAX_MESSAGE = 500
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: Optional[int] = None,
+        error_code: Optional[str] = None,
+        response: Optional[HttpResponse] = None,
+        request_id: Optional[str] = None,
+        retry_after: Optional[float] = None,
+        retryable: Optional[bool] = None,
+    ) -> None:
+        message = str(message)
+        if len(message) > self._MAX_MESSAGE:
+            message = message[: self._MAX_MESSAGE] + "... (truncated)"
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.error_code = error_code
+        self.response = response
+        self.request_id = request_id
+        self.retry_after = retry_after
+        if retryable is None:
+            retryable = status_code in (429, 502, 503, 504)
+        self.retryable = retryable
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.message!r}, status_code={self.status_code!r}, "
+            f"error_code={self.error_code!r}, request_id={self.request_id!r})"
+        )
+
+
+class SpapsTransportError(SpapsError):
+    """The request could not be completed: DNS, connect, TLS, reset or protocol failure."""
+
+    def __init__(self, message: str, *, retryable: bool = True, **kwargs: Any) -> None:
+        super().__init__(message, retryable=retryable, **kwargs)
+
+
+class SpapsTimeoutError(SpapsTransportError):
+    """The call did not complete within its time budget."""
+
+
+class SpapsConfigurationError(SpapsError):
+    """The client is configured in a way that would be unsafe or cannot work."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
+
+
+class AuthError(SpapsError):
+    """A call of the Auth service failed (also raised when a token refresh fails)."""
+
+
+class SessionError(SpapsError):
+    """A call of the Sessions service failed."""
+
+
+class PaymentsError(SpapsError):
+    """A call of the Payments service failed (crypto invoices raise ``CryptoPaymentsError``)."""
+
+
+class CryptoPaymentsError(SpapsError):
+    """A call of the crypto invoices service (``payments.crypto``) failed."""
+
+
+class UsageError(SpapsError):
+    """A call of the Usage service failed."""
+
+
+class WhitelistError(SpapsError):
+    """A call of the Whitelist service failed."""
+
+
+class SecureMessagesError(SpapsError):
+    """A call of the Secure messages service failed."""
+
+
+class MetricsError(SpapsError):
+    """A metrics or health endpoint answered with an error status."""
+
+
+class WebhookVerificationError(SpapsError):
+    """A webhook's signature, timestamp or payload is not acceptable; see ``code``."""
+
+    def __init__(self, message: str, code: Optional[str] = None) -> None:
+        super().__init__(message, error_code=code, retryable=False)
+        self.code = code
+
+
+# =============================================================================
+# Transport
+# =============================================================================
+
+
+class HttpRequest:
+    """A request as hooks and errors see it: credentials redacted, body omitted."""
+
+    __slots__ = ("headers", "idempotency_key", "method", "url")
+
+    def __init__(
+        self, method: str, url: str, headers: Dict[str, str],
+        idempotency_key: Optional[str] = None,
+    ) -> None:
+        self.method = method
+        self.url = url
+        self.headers = headers
+        self.idempotency_key = idempotency_key
+
+    def __repr__(self) -> str:
+        return f"<HttpRequest {self.method} {self.url}>"
+
+
+class HttpResponse:
+    """A response as hooks and errors see it: status, headers, timing; no body."""
+
+    __slots__ = ("elapsed", "headers", "method", "status_code", "url")
+
+    def __init__(
+        self, method: str, url: str, status_code: int, headers: Dict[str, str], elapsed: float
+    ) -> None:
+        self.method = method
+        self.url = url
+        self.status_code = status_code
+        self.headers = headers
+        self.elapsed = elapsed
+
+    @property
+    def request_id(self) -> Optional[str]:
+        """The server's ``x-request-id`` header, if any."""
+        return self.headers.get("x-request-id") or None
+
+    def __repr__(self) -> str:
+        return f"<HttpResponse {self.status_code} {self.method} {self.url}>"
+
+
+class _Result:
+    """A complete response as the service layer needs it (body included)."""
+
+    __slots__ = ("body", "headers", "public", "status")
+
+    def __init__(self, status: int, headers: Dict[str, str], body: bytes,
+                 public: HttpResponse) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.public = public
+
+
+_SECRET_HEADERS = frozenset(
+    {"authorization", "x-api-key", "x-recon-token", "proxy-authorization", "cookie",
+     "set-cookie"}
+)
+# Query parameters whose values are identifiers, not personal data, and help debugging.
+_PLAIN_QUERY_KEYS = frozenset(
+    {"limit", "offset", "starting_after", "period", "format", "feature", "tier", "start_date",
+     "end_date", "cursor"}
+)
+
+
+def _redact_headers(headers: Mapping[str, str]) -> Dict[str, str]:
+    return {
+        name: (_REDACTED if name.lower() in _SECRET_HEADERS else value)
+        for name, value in headers.items()
+    }
+
+
+def _redact_url(url: str) -> str:
+    """Strip user info and hide query values that may be personal data (emails)."""
+    base, sep, query = url.partition("?")
+    scheme, slashes, rest = base.partition("://")
+    if slashes and "@" in rest.split("/", 1)[0]:
+        base = scheme + "://" + rest.split("@", 1)[1]
+    if not sep:
+        return base
+    parts = []
+    for pair in query.split("&"):
+        key, eq, _value = pair.partition("=")
+        parts.append(pair if (not eq or key in _PLAIN_QUERY_KEYS) else f"{key}={_REDACTED}")
+    return base + "?" + "&".join(parts)
+
+
+class _NotSent(Exception):
+    """The request provably never reached the server (connection not established)."""
+
+
+class _LoopbackNames:
+    names = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+
+    @classmethod
+    def is_loopback(cls, host: str) -> bool:
+        host = host.lower().rstrip(".")
+        return host in cls.names or host.endswith(".localhost") or host.startswith("127.")
+
+
+class _Origin:
+    """Scheme, host and port of a URL; the key connections are pooled under."""
+
+    __slots__ = ("host", "key", "port", "scheme")
+
+    def __init__(self, scheme: str, host: str, port: int) -> None:
+        self.scheme = scheme
+        self.host = host
+        self.port = port
+        self.key = (scheme, host, port)
+
+    @classmethod
+    def parse(cls, url: str) -> Tuple[_Origin, str]:
+        """Split an absolute URL into its origin and request target (path + query)."""
+        scheme, sep, rest = url.partition("://")
+        scheme = scheme.lower()
+        if not sep or scheme not in ("http", "https"):
+            raise SpapsConfigurationError(f"not an http(s) URL: {_redact_url(url)!r}")
+        authority, slash, target = rest.partition("/")
+        target = "/" + target if slash else "/"
+        authority = authority.rsplit("@", 1)[-1]
+        host, port_text = authority, ""
+        if authority.startswith("["):
+            end = authority.find("]")
+            host, port_text = authority[1:end], authority[end + 2:]
+        elif ":" in authority:
+            host, port_text = authority.rsplit(":", 1)
+        if not host:
+            raise SpapsConfigurationError(f"URL has no host: {_redact_url(url)!r}")
+        try:
+            port = int(port_text) if port_text else (443 if scheme == "https" else 80)
+        except ValueError:
+            raise SpapsConfigurationError(f"URL has a bad port: {_redact_url(url)!r}") from None
+        return cls(scheme, host, port), target
+
+
+def _proxy_for(origin: _Origin) -> Optional[str]:
+    """The proxy URL for ``origin``, read as ``urllib.request`` reads it, or ``None``."""
+    if sys.platform not in ("darwin", "win32") and not any(
+        name.lower().endswith("_proxy") for name in os.environ
+    ):
+        return None  # spares importing urllib.request (and email) on the common path
+    import urllib.request
+
+    proxy = urllib.request.getproxies().get(origin.scheme)
+    if not proxy or urllib.request.proxy_bypass(f"{origin.host}:{origin.port}"):
+        return None
+    if "://" not in proxy:
+        proxy = "http://" + proxy
+    return proxy
+
+
+class _ConnectionPool:
+    """Keep-alive HTTP/1.1 connections per origin, shared safely by many threads.
+
+    Each connection is used by one thread at a time: taken from the idle list,
+    used for one exchange, and put back only if the response was read to the
+    end and the server did not ask to close.
+    """
+
+    def __init__(self, ssl_context: Optional[ssl.SSLContext], maxsize: int) -> None:
+        self._ssl_context = ssl_context
+        self._maxsize = maxsize
+        self._idle: Dict[Tuple[str, str, int], List[http.client.HTTPConnection]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def acquire(
+        self, origin: _Origin, timeout: float
+    ) -> Tuple[http.client.HTTPConnection, bool]:
+        """A connection to ``origin`` and whether it is a reused one."""
+        with self._lock:
+            if self._closed:
+                raise SpapsConfigurationError("the client is closed")
+            idle = self._idle.get(origin.key)
+            while idle:
+                conn = idle.pop()
+                if _still_open(conn):
+                    conn.timeout = timeout
+                    if conn.sock is not None:
+                        conn.sock.settimeout(timeout)
+                    return conn, True
+                conn.close()
+        return self._connect(origin, timeout), False
+
+    def release(self, origin: _Origin, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(origin.key, [])
+            if not self._closed and len(idle) < self._maxsize:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pools, self._idle = list(self._idle.values()), {}
+        for idle in pools:
+            for conn in idle:
+                conn.close()
+
+    def _connect(self, origin: _Origin, timeout: float) -> http.client.HTTPConnection:
+        import http.client
+
+        proxy = _proxy_for(origin)
+        conn: http.client.HTTPConnection
+        if proxy is None:
+            host, port = origin.host, origin.port
+        else:
+            proxy_origin, _ = _Origin.parse(proxy)
+            host, port = proxy_origin.host, proxy_origin.port
+        if origin.scheme == "https":
+            conn = http.client.HTTPSConnection(
+                host, port, timeout=timeout, context=self._tls_context()
+            )
+            if proxy is not None:
+                conn.set_tunnel(origin.host, origin.port, headers=_proxy_auth(proxy))
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        conn.spaps_via_proxy = proxy is not None and origin.scheme == "http"  # type: ignore[attr-defined]
+        try:
+            conn.connect()
+        except OSError as exc:
+            conn.close()
+            raise _NotSent(exc) from exc
+        return conn
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._ssl_context is None:
+            import ssl
+
+            # The system trust store; OpenSSL also honours SSL_CERT_FILE / SSL_CERT_DIR.
+            self._ssl_context = ssl.create_default_context()
+        return self._ssl_context
+
+
+def _proxy_auth(proxy: str) -> Dict[str, str]:
+    userinfo = proxy.partition("://")[2].split("/", 1)[0]
+    if "@" not in userinfo:
+        return {}
+    import base64
+    from urllib.parse import unquote
+
+    raw = unquote(userinfo.rsplit("@", 1)[0]).encode()
+    return {"Proxy-Authorization": "Basic " + base64.b64encode(raw).decode()}
+
+
+def _still_open(conn: http.client.HTTPConnection) -> bool:
+    """Whether an idle keep-alive connection is still usable.
+
+    A server may close a connection while it sits idle in the pool; the socket
+    then reads as end-of-file. Detecting that here means the request goes out
+    on a fresh connection and provably never reached the closed one.
+    """
+    sock = conn.sock
+    if sock is None:
+        return False
+    import select
+
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    if not readable:
+        return True
+    # Readable while idle: EOF, stray bytes, or TLS housekeeping (session tickets).
+    try:
+        sock.setblocking(False)
+        try:
+            data = sock.recv(1)
+        finally:
+            sock.setblocking(True)
+    except BlockingIOError:
+        return True
+    except OSError as exc:
+        return type(exc).__name__ == "SSLWantReadError"
+    del data  # end-of-file or bytes nobody asked for: either way the connection is unusable
+    return False
+
+
+class _RetryQuota:
+    """A token bucket that bounds retries across all calls of one client."""
+
+    RETRY_COST = 5
+    TIMEOUT_COST = 10
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._level = capacity
+        self._lock = threading.Lock()
+
+    def take(self, cost: int) -> bool:
+        with self._lock:
+            if self._level < cost:
+                return False
+            self._level -= cost
+            return True
+
+    def give_back(self, amount: int) -> None:
+        with self._lock:
+            self._level = min(self._capacity, self._level + amount)
+
+
+_NO_BODY: Any = object()
+_MAX_BODY = 16 * 1024 * 1024
+
+
+class RetryClient:
+    """The HTTP client every service uses: pooled keep-alive connections and retries.
+
+    One instance may be shared by many threads. ``base_url`` is used by
+    ``create_http_client`` users and by aggregate clients that receive this
+    client through ``http_client=``; services send absolute URLs. ``timeout``
+    is the budget for one call, retries and back-off included.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str = "",
+        timeout: float = DEFAULT_TIMEOUT,
+        retry_config: Optional[Union[RetryConfig, Mapping[str, Any]]] = None,
+        logging_hooks: Optional[Union[LoggingHooks, Mapping[str, Any]]] = None,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        allow_insecure_http: bool = False,
+        pool_maxsize: int = 64,
+    ) -> None:
+        if not timeout or timeout <= 0:
+            raise ValueError("timeout must be a positive number of seconds")
+        self.base_url = base_url.rstrip("/")
+        self.timeout = float(timeout)
+        self.retry_config = _coerce_config(retry_config, RetryConfig) or RetryConfig()
+        self.logging_hooks = _coerce_config(logging_hooks, LoggingHooks) or LoggingHooks()
+        self.allow_insecure_http = allow_insecure_http
+        self._pool = _ConnectionPool(ssl_context, pool_maxsize)
+        self._quota = _RetryQuota(self.retry_config.retry_quota)
+
+    def close(self) -> None:
+        """Close every pooled connection; later calls fail."""
+        self._pool.close()
+
+    def __enter__(self) -> RetryClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Optional[Mapping[str, str]] = None,
+        body: Optional[bytes] = None,
+        timeout: Optional[float] = None,
+        idempotency_key: Optional[str] = None,
+    ) -> _Result:
+        """Send one call (with its retries) and return the final response, body read."""
+        if url.startswith("/"):
+            url = self.base_url + url
+        all_headers = {"User-Agent": _USER_AGENT}
+        if headers:
+            all_headers.update(headers)
+        if idempotency_key:
+            all_headers["X-Idempotency-Key"] = idempotency_key
+        if body is not None:
+            all_headers.setdefault("Content-Type", "application/json")
+        elif method in ("POST", "PUT", "PATCH"):
+            all_headers["Content-Length"] = "0"
+        public = HttpRequest(method, _redact_url(url), _redact_headers(all_headers),
+                             idempotency_key)
+        self._check_transport_security(url, all_headers)
+        hooks = self.logging_hooks
+        _fire(hooks.on_request, public)
+        budget = float(timeout) if timeout else self.timeout
+        deadline = time.monotonic() + budget
+        config = self.retry_config
+        attempt = 1
+        while True:
+            remaining = deadline - time.monotonic()
+            started = time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise SpapsTimeoutError(f"{method} {public.url} timed out after {budget:g}s")
+                result = self._send_following_redirects(method, url, all_headers, body,
+                                                         remaining, public)
+            except _NotSent as exc:
+                error: SpapsError = _transport_error(exc.args[0], public, sent=False)
+                replay_safe = True
+            except SpapsError as exc:
+                error, replay_safe = exc, False
+            else:
+                elapsed = time.monotonic() - started
+                _fire(hooks.on_response, public, result.public, elapsed, attempt)
+                if not config.is_retryable(public, result.public):
+                    self._quota.give_back(1 if attempt == 1 else _RetryQuota.RETRY_COST)
+                    return result
+                retry_after = _parse_retry_after(result.headers.get("retry-after"))
+                if retry_after is not None and retry_after > config.max_retry_after:
+                    _fire(hooks.on_give_up, public, "retry-after too long", attempt)
+                    return result
+                delay = config.get_backoff(attempt + 1) if retry_after is None else retry_after
+                if not self._may_retry(public, attempt, delay, deadline, _RetryQuota.RETRY_COST):
+                    return result
+            if not error.retryable or not (replay_safe or config.is_retryable(public, None)):
+                _fire(hooks.on_error, public, error, attempt)
+                raise error
+            _fire(hooks.on_error, public, error, attempt)
+            delay = config.get_backoff(attempt + 1)
+            cost = (_RetryQuota.TIMEOUT_COST if isinstance(error, SpapsTimeoutError)
+                    else _RetryQuota.RETRY_COST)
+            if not self._may_retry(public, attempt, delay, deadline, cost):
+                raise error
+            attempt += 1
+
+    def _may_retry(
+        self, public: HttpRequest, attempt: int, delay: float, deadline: float, cost: int
+    ) -> bool:
+        """Decide on one more attempt, sleep the back-off, and report through hooks."""
+        hooks = self.logging_hooks
+        if attempt >= self.retry_config.max_attempts:
+            reason = "attempts exhausted"
+        elif time.monotonic() + delay >= deadline:
+            reason = "deadline reached"
+        elif not self._quota.take(cost):
+            reason = "retry quota exhausted"
+        else:
+            if delay > 0:
+                _fire(hooks.on_backoff, public, delay, attempt + 1)
+                time.sleep(delay)
+            _fire(hooks.on_retry, public, attempt + 1)
+            return True
+        _fire(hooks.on_give_up, public, reason, attempt)
+        return False
+
+    def _check_transport_security(self, url: str, headers: Mapping[str, str]) -> None:
+        if self.allow_insecure_http or not url.lower().startswith("http://"):
+            return
+        if not any(name.lower() in ("authorization", "x-api-key") for name in headers):
+            return
+        origin, _ = _Origin.parse(url)
+        if not _LoopbackNames.is_loopback(origin.host):
+            raise SpapsConfigurationError(
+                f"refusing to send credentials over plain HTTP to {origin.host}; use https:// "
+                "or pass allow_insecure_http=True if this network is trusted"
+            )
+
+    def _send_following_redirects(
+        self, method: str, url: str, headers: Dict[str, str], body: Optional[bytes],
+        timeout: float, public: HttpRequest,
+    ) -> _Result:
+        """Send once, following same-origin 307/308 redirects (method and body kept)."""
+        origin, target = _Origin.parse(url)
+        for _ in range(5):
+            result = self._exchange(origin, method, target, headers, body, timeout, public)
+            location = result.headers.get("location")
+            if result.status not in (307, 308) or not location:
+                return result
+            from urllib.parse import urljoin
+
+            next_url = urljoin(f"{origin.scheme}://{origin.host}:{origin.port}{target}",
+                               location)
+            next_origin, next_target = _Origin.parse(next_url)
+            if next_origin.key != origin.key:
+                return result  # credentials never follow a redirect to another origin
+            target = next_target
+        return result
+
+    def _exchange(
+        self, origin: _Origin, method: str, target: str, headers: Dict[str, str],
+        body: Optional[bytes], timeout: float, public: HttpRequest,
+    ) -> _Result:
+        """One request/response on one pooled connection."""
+        import http.client
+
+        started = time.monotonic()
+        conn, _reused = self._pool.acquire(origin, timeout)
+        try:
+            if getattr(conn, "spaps_via_proxy", False):
+                target = f"http://{origin.host}:{origin.port}{target}"
+            conn.request(method, target, body=body, headers=headers)
+            response = conn.getresponse()
+            data = response.read(_MAX_BODY + 1)
+            if len(data) > _MAX_BODY:
+                raise SpapsTransportError(
+                    f"response body larger than {_MAX_BODY} bytes", retryable=False
+                )
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise _transport_error(exc, public, sent=True) from None
+        except BaseException:
+            conn.close()
+            raise
+        resp_headers = {name.lower(): value for name, value in response.getheaders()}
+        if response.will_close:
+            conn.close()
+        else:
+            self._pool.release(origin, conn)
+        public_response = HttpResponse(
+            method, public.url, response.status, _redact_headers(resp_headers),
+            time.monotonic() - started,
+        )
+        return _Result(response.status, resp_headers, data, public_response)
+
+
+class RetryAsyncClient(RetryClient):
+    """``RetryClient`` for async clients, which run each call in a worker thread."""
+
+    async def aclose(self) -> None:
+        """Close every pooled connection."""
+        self.close()
+
+
+def create_http_client(
+    *,
+    settings: Settings,
+    retry_config: Optional[Union[RetryConfig, Mapping[str, Any]]] = None,
+    logging_hooks: Optional[Union[LoggingHooks, Mapping[str, Any]]] = None,
+    **kwargs: Any,
+) -> RetryClient:
+    """A ``RetryClient`` for ``settings`` (``timeout=`` and other ``RetryClient`` keywords
+    may be passed to override)."""
+    kwargs.setdefault("timeout", settings.request_timeout)
+    return RetryClient(
+        base_url=settings.base_url, retry_config=retry_config, logging_hooks=logging_hooks,
+        **kwargs,
+    )
+
+
+def _fire(hook: Optional[Callable[..., None]], *args: Any) -> None:
+    if hook is None:
+        return
+    try:
+        hook(*args)
+    except Exception:  # a broken hook must not break the call it observes
+        import logging
+
+        logging.getLogger("spaps_client.http").exception("logging hook %r failed", hook)
+
+
+def _transport_error(exc: BaseException, public: HttpRequest, *, sent: bool) -> SpapsError:
+    """Wrap a socket/TLS/protocol failure; say whether the request may have been processed."""
+    if isinstance(exc, SpapsError):
+        return exc
+    what = f"{public.method} {public.url}"
+    if isinstance(exc, TimeoutError) or type(exc).__name__ == "timeout":
+        phase = "connecting" if not sent else "waiting for the response"
+        error: SpapsError = SpapsTimeoutError(f"{what}: timed out {phase}")
+    elif type(exc).__name__ == "SSLCertVerificationError":
+        error = SpapsTransportError(
+            f"{what}: TLS certificate verification failed ({exc}); pass ssl_context= with "
+            "your CA, or set SSL_CERT_FILE", retryable=False,
+        )
+    else:
+        state = "could not connect" if not sent else "connection failed"
+        error = SpapsTransportError(f"{what}: {state}: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def _parse_retry_after(value: Optional[str]) -> Optional[float]:
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+# =============================================================================
+# Models
+# =============================================================================
+
+
+class _Model:
+    """Base of every response model: a dataclass with lenient, typed parsing.
+
+    ``model_validate(dict)`` builds an instance (unknown keys ignored, aliases
+    such as ``id`` honoured, datetimes parsed); ``model_dump()`` turns it back
+    into a dict. Invalid input raises ``ValueError`` naming the field.
+    """
+
+    __spaps_fields__: ClassVar[Optional[Tuple[_FieldSpec, ...]]] = None
+
+    @classmethod
+    def model_validate(cls: Type[_M], obj: Any) -> _M:
+        """Build an instance from a mapping (or return ``obj`` if it already is one)."""
+        if isinstance(obj, cls):
+            return obj
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"{cls.__name__}: expected a JSON object, got {_kind(obj)}")
+        obj = cls._prepare(obj)
+        specs = cls.__dict__.get("__spaps_fields__") or cls._build_specs()
+        values: Dict[str, Any] = {}
+        for spec in specs:
+            for key in spec.keys:
+                if key in obj:
+                    raw = obj[key]
+                    break
+            else:
+                if spec.required:
+                    raise ValueError(f"{cls.__name__}.{spec.name}: missing required field")
+                continue
+            try:
+                values[spec.name] = spec.convert(raw)
+            except ValueError as exc:
+                raise ValueError(f"{cls.__name__}.{spec.name}: {exc}") from None
+        return cls(**values)
+
+    def model_dump(self, *, by_alias: bool = False, exclude_none: bool = False) -> Dict[str, Any]:
+        """The model as a dict keyed by attribute names (or JSON names with ``by_alias``)."""
+        out: Dict[str, Any] = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = _dump(getattr(self, f.name), by_alias, exclude_none)
+            if value is None and exclude_none:
+                continue
+            out[f.metadata.get("alias", f.name) if by_alias else f.name] = value
+        return out
+
+    @classmethod
+    def _prepare(cls, obj: Mapping[str, Any]) -> Mapping[str, Any]:
+        return obj
+
+    @classmethod
+    def _build_specs(cls) -> Tuple[_FieldSpec, ...]:
+        import typing
+
+        hints = typing.get_type_hints(cls)
+        specs = []
+        for f in fields(cls):  # type: ignore[arg-type]
+            alias = f.metadata.get("alias")
+            keys = (alias, f.name) if alias else (f.name,)
+            required = f.default is f.default_factory is MISSING
+            specs.append(_FieldSpec(f.name, keys, _converter(hints[f.name]), required))
+        cls.__spaps_fields__ = tuple(specs)
+        return cls.__spaps_fields__
+
+
+class _FieldSpec:
+    __slots__ = ("convert", "keys", "name", "required")
+
+    def __init__(self, name: str, keys: Tuple[str, ...], convert: Callable[[Any], Any],
+                 required: bool) -> None:
+        self.name = name
+        self.keys = keys
+        self.convert = convert
+        self.required = required
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _dump(value: Any, by_alias: bool, exclude_none: bool) -> Any:
+    if isinstance(value, _Model):
+        return value.model_dump(by_alias=by_alias, exclude_none=exclude_none)
+    if isinstance(value, list):
+        return [_dump(item, by_alias, exclude_none) for item in value]
+    if isinstance(value, dict):
+        return {key: _dump(item, by_alias, exclude_none) for key, item in value.items()}
+    return value
+
+
+def _converter(hint: Any) -> Callable[[Any], Any]:
+    """A function that converts a JSON value to the annotated type or raises ValueError."""
+    import typing
+
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Union:
+        inner = [arg for arg in args if arg is not type(None)]
+        convert = _converter(inner[0])
+        return lambda value: None if value is None else convert(value)
+    if origin in (list, List):
+        item = _converter(args[0]) if args else (lambda value: value)
+        return lambda value: [item(v) for v in _expect(value, list, "a list")]
+    if origin in (dict, Dict) or hint in (dict, Dict):
+        return lambda value: dict(_expect(value, dict, "an object"))
+    if isinstance(hint, type) and issubclass(hint, _Model):
+        return hint.model_validate
+    return _SCALARS.get(hint, lambda value: value)
+
+
+def _expect(value: Any, kind: type, label: str) -> Any:
+    if not isinstance(value, kind):
+        raise ValueError(f"expected {label}, got {_kind(value)}")
+    return value
+
+
+def _to_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    # Numbers are accepted for text fields: an id sent as 42 is still the id "42".
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"expected a string, got {_kind(value)}")
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected an integer, got bool")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+        try:
+            number = float(value)
+        except ValueError:
+            number = 0.5
+        if number.is_integer():
+            return int(number)
+    raise ValueError(f"expected an integer, got {value!r}")
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ValueError(f"expected a number, got {_kind(value)}")
+
+
+_TRUE = frozenset({"true", "1", "yes", "y", "on", "t"})
+_FALSE = frozenset({"false", "0", "no", "n", "off", "f"})
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+    raise ValueError(f"expected a boolean, got {value!r}")
+
+
+_ISO_PATTERN: Any = None
+
+
+def _to_datetime(value: Any) -> datetime:
+    """Parse ISO-8601 (``Z``, offsets, date-only, space separator) or Unix epoch numbers."""
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value, tz=timezone.utc)
+    if not isinstance(value, str):
+        raise ValueError(f"expected a date-time, got {_kind(value)}")
+    text = value.strip()
+    try:
+        return datetime.fromtimestamp(float(text), tz=timezone.utc)
+    except (ValueError, OverflowError):
+        pass
+    global _ISO_PATTERN
+    if _ISO_PATTERN is None:
+        import re
+
+        _ISO_PATTERN = re.compile(
+            r"(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d+))?)?"
+            r"\s*(Z|z|[+-]\d{2}(?::?\d{2})?)?)?"
+        )
+    match = _ISO_PATTERN.fullmatch(text)
+    if match is None:
+        raise ValueError(f"expected an ISO-8601 date-time, got {value!r}")
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    tzinfo: Optional[timezone] = None
+    if zone in ("Z", "z"):
+        tzinfo = timezone.utc
+    elif zone:
+        sign = -1 if zone[0] == "-" else 1
+        digits = zone[1:].replace(":", "")
+        offset = timedelta(hours=int(digits[:2]), minutes=int(digits[2:4] or 0))
+        tzinfo = timezone(sign * offset)
+    try:
+        return datetime(
+            int(year), int(month), int(day), int(hour or 0), int(minute or 0),
+            int(second or 0), int((fraction or "0")[:6].ljust(6, "0")), tzinfo=tzinfo,
+        )
+    except ValueError as exc:
+        raise ValueError(f"invalid date-time {value!r}: {exc}") from None
+
+
+_SCALARS: Dict[Any, Callable[[Any], Any]] = {
+    str: _to_str, int: _to_int, float: _to_float, bool: _to_bool, datetime: _to_datetime,
+}
+
+
+# Fields read from JSON key "id"; the attribute name is accepted as well.
+_ID_ALIAS = {"alias": "id"}
+
+
+# --- Auth models ---
+
+
+@dataclass
+class TokenUser(_Model):
+    """The user a token pair was issued to."""
+
+    user_id: str = field(metadata=_ID_ALIAS)
+    wallet_address: Optional[str] = None
+    chain: Optional[str] = None
+    email: Optional[str] = None
+    username: Optional[str] = None
+    tier: Optional[str] = None
+    phone_number: Optional[str] = None
+    wallets: Optional[List[str]] = None
+    email_confirmed: Optional[bool] = None
+
+
+@dataclass
+class TokenPair(_Model):
+    """Access and refresh tokens from a sign-in or refresh; tokens hidden from ``repr``."""
+
+    access_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)
+    expires_in: int
+    user: TokenUser
+    token_type: str = "Bearer"  # noqa: S105 - a token type, not a secret
+
+
+@dataclass
+class NonceResponse(_Model):
+    """A wallet sign-in challenge: sign ``message`` with the wallet."""
+
+    nonce: str
+    message: str
+    wallet_address: str
+    expires_at: datetime
+
+
+@dataclass
+class RegistrationTokens(_Model):
+    """Tokens issued on registration or magic-link sign-in; hidden from ``repr``."""
+
+    access_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)
+    expires_in: int
+
+
+@dataclass
+class RegistrationUser(_Model):
+    """The user created by ``register`` or signed in by magic link."""
+
+    id: str
+    email: Optional[str] = None
+    username: Optional[str] = None
+    phone_number: Optional[str] = None
+    tier: Optional[str] = None
+    email_confirmed: Optional[bool] = None
+    wallets: Optional[List[str]] = None
+
+
+@dataclass
+class RegistrationResponse(_Model):
+    """Result of ``register``: the user and, when the server signs in at once, tokens."""
+
+    user: RegistrationUser
+    message: Optional[str] = None
+    tokens: Optional[RegistrationTokens] = None
+
+
+@dataclass
+class MagicLinkSendResponse(_Model):
+    """Confirmation that a magic link was sent."""
+
+    message: str
+    email: Optional[str] = None
+    sent_at: Optional[datetime] = None
+
+
+@dataclass
+class MagicLinkAuthResponse(_Model):
+    """Result of ``verify_magic_link``."""
+
+    user: RegistrationUser
+    message: Optional[str] = None
+    tokens: Optional[RegistrationTokens] = None
+
+
+@dataclass
+class MessageResponse(_Model):
+    """A plain confirmation message."""
+
+    message: str
+
+
+@dataclass
+class UserWallet(_Model):
+    """A wallet linked to a user."""
+
+    wallet_address: str
+    chain_type: Optional[str] = None
+    verified: Optional[bool] = None
+
+
+@dataclass
+class UserProfile(_Model):
+    """The signed-in user (``auth.get_current_user``)."""
+
+    id: str
+    username: Optional[str] = None
+    email: Optional[str] = None
+    phone_number: Optional[str] = None
+    wallets: List[UserWallet] = field(default_factory=list)
+    tier: Optional[str] = None
+    metadata: Optional[Dict[str, Any]] = None
+
+
+@dataclass
+class PasswordResetRequestResponse(_Model):
+    """Confirmation that a password-reset email was requested."""
+
+    message: str
+    email: Optional[str] = None
+    sent_at: Optional[datetime] = None
+
+
+# --- Session models ---
+
+
+@dataclass
+class SessionSummary(_Model):
+    """The session behind the current access token."""
+
+    session_id: str = field(metadata=_ID_ALIAS)
+    user_id: str
+    application_id: str
+    created_at: datetime
+    expires_at: datetime
+    last_activity: Optional[datetime] = None
+    tier: Optional[str] = None
+    wallets_count: Optional[int] = None
+    duration_minutes: Optional[float] = None
+    idle_minutes: Optional[float] = None
+
+
+@dataclass
+class SessionValidationResult(_Model):
+    """Whether the current session is valid."""
+
+    valid: bool
+    session_id: Optional[str] = None
+    expires_at: Optional[datetime] = None
+    renewed: Optional[bool] = None
+
+
+@dataclass
+class SessionRecord(_Model):
+    """One of the user's sessions, as listed by ``list_sessions``."""
+
+    session_id: str = field(metadata=_ID_ALIAS)
+    user_id: str
+    application_id: str
+    created_at: datetime
+    expires_at: Optional[datetime] = None
+    last_used: Optional[datetime] = None
+    last_activity: Optional[datetime] = None
+    user_agent: Optional[str] = None
+    ip_address: Optional[str] = None
+    is_current: Optional[bool] = None
+
+
+@dataclass
+class SessionListResult(_Model):
+    """A page of sessions; ``total`` counts all of them."""
+
+    sessions: List[SessionRecord] = field(default_factory=list)
+    total: int = 0
+
+    @classmethod
+    def _prepare(cls, obj: Mapping[str, Any]) -> Mapping[str, Any]:
+        sessions = obj.get("sessions") or []
+        return {**obj, "sessions": sessions, "total": obj.get("total", len(sessions))}
+
+
+@dataclass
+class SessionTouchResult(_Model):
+    """Result of ``touch_session``."""
+
+    message: str
+    session_id: str
+    last_activity: Optional[datetime] = None
+
+
+@dataclass
+class SessionRevokeResult(_Model):
+    """Result of ``revoke_session``."""
+
+    message: str
+    session_id: str
+
+
+# --- Payment models ---
+
+
+@dataclass
+class CheckoutSession(_Model):
+    """A Stripe checkout session: send the user to ``checkout_url``."""
+
+    session_id: str
+    checkout_url: str
+    expires_at: Optional[datetime] = None
+
+
+@dataclass
+class PaymentIntent(_Model):
+    """A Stripe payment intent; ``client_secret`` is hidden from ``repr``."""
+
+    payment_intent_id: str
+    client_secret: Optional[str] = field(default=None, repr=False)
+    status: Optional[str] = None
+
+
+@dataclass
+class WalletDeposit(_Model):
+    """A recorded crypto wallet deposit."""
+
+    deposit_id: str
+    status: Optional[str] = None
+    amount: Optional[float] = None
+    currency: Optional[str] = None
+    confirmation_required: Optional[int] = None
+    confirmation_current: Optional[int] = None
+
+
+@dataclass
+class WalletTransaction(_Model):
+    """A wallet deposit transaction and its confirmations."""
+
+    transaction_id: str
+    status: Optional[str] = None
+    chain_type: Optional[str] = None
+    currency: Optional[str] = None
+    confirmations: Optional[int] = None
+    amount: Optional[float] = None
+    balance_added: Optional[float] = None
+    completed_at: Optional[datetime] = None
+
+
+@dataclass
+class SubscriptionPlan(_Model):
+    """The price a subscription is on."""
+
+    price_id: Optional[str] = None
+    interval: Optional[str] = None
+
+
+@dataclass
+class SubscriptionDetail(_Model):
+    """A subscription and its plan."""
+
+    subscription_id: str
+    plan: SubscriptionPlan = field(default_factory=SubscriptionPlan)
+    status: Optional[str] = None
+    current_period_end: Optional[datetime] = None
+    cancel_at_period_end: Optional[bool] = None
+
+
+@dataclass
+class SubscriptionCancellation(_Model):
+    """Result of ``cancel_subscription``."""
+
+    subscription_id: str
+    status: Optional[str] = None
+    cancel_at_period_end: Optional[bool] = None
+
+
+@dataclass
+class BalanceAmounts(_Model):
+    """Available and pending balance in one currency."""
+
+    available: float
+    pending: float
+    currency: str
+
+
+@dataclass
+class UsageSummary(_Model):
+    """Credits used in the current billing period."""
+
+    current_period_start: Optional[datetime] = None
+    current_period_end: Optional[datetime] = None
+    credits_used: Optional[int] = None
+    credits_remaining: Optional[int] = None
+
+
+@dataclass
+class BalanceOverview(_Model):
+    """The user's balance, tier and usage."""
+
+    balance: BalanceAmounts
+    usage: UsageSummary = field(default_factory=UsageSummary)
+    tier: Optional[str] = None
+    tier_expires_at: Optional[datetime] = None
+
+
+@dataclass
+class PaymentMethodUpdateResult(_Model):
+    """Result of ``update_payment_method``."""
+
+    payment_method_id: str
+    message: Optional[str] = None
+    customer_id: Optional[str] = None
+    is_default: bool = False
+
+
+@dataclass
+class CryptoInvoice(_Model):
+    """A crypto invoice; ``amount`` is a decimal string such as ``"42.75"``."""
+
+    invoice_id: str = field(metadata=_ID_ALIAS)
+    asset: str
+    network: str
+    amount: str
+    status: str
+    expires_at: Optional[str] = None
+    beneficiary: Optional[Dict[str, Any]] = None
+    metadata: Optional[Dict[str, Any]] = None
+
+
+@dataclass
+class CryptoInvoiceStatus(_Model):
+    """The settlement status of a crypto invoice."""
+
+    invoice_id: str
+    status: str
+    finalized_at: Optional[str] = None
+    normalized_amount: Optional[str] = None
+    settlement_ids: Optional[List[str]] = None
+    underpaid: Optional[bool] = None
+    overpaid: Optional[bool] = None
+
+
+@dataclass
+class CryptoReconcileJob(_Model):
+    """A scheduled reconciliation job."""
+
+    job_id: str
+    scheduled_at: str
+    cursor: Optional[Dict[str, Any]] = None
+
+
+# --- Usage models ---
+
+
+@dataclass
+class UsagePeriod(_Model):
+    """The billing period usage is counted in."""
+
+    start: Optional[str] = None
+    end: Optional[str] = None
+
+
+@dataclass
+class UsageFeature(_Model):
+    """A metered feature and how much of it was used."""
+
+    name: str
+    description: Optional[str] = None
+    used: Optional[float] = None
+    limit: Optional[float] = None
+    percentage: Optional[float] = None
+    reset_at: Optional[str] = None
+
+
+@dataclass
+class UsageFeaturesResponse(_Model):
+    """The user's metered features."""
+
+    user_id: Optional[str] = None
+    tier: Optional[str] = None
+    period: UsagePeriod = field(default_factory=UsagePeriod)
+    features: List[UsageFeature] = field(default_factory=list)
+    overage: Optional[Dict[str, Any]] = None
+
+
+@dataclass
+class UsageRecordUsage(_Model):
+    """Usage of a feature after recording."""
+
+    used: Optional[float] = None
+    limit: Optional[float] = None
+    remaining: Optional[float] = None
+
+
+@dataclass
+class UsageRecordResult(_Model):
+    """Result of ``record_usage``."""
+
+    record_id: str
+    feature: str
+    quantity: Optional[float] = None
+    recorded_at: Optional[str] = None
+    warning: Optional[str] = None
+    current_usage: UsageRecordUsage = field(default_factory=UsageRecordUsage)
+
+
+@dataclass
+class UsageHistoryEntry(_Model):
+    """Usage on one date."""
+
+    date: Optional[str] = None
+    features: Dict[str, Any] = field(default_factory=dict)
+    total_cost: Optional[float] = None
+
+
+@dataclass
+class UsageHistoryResponse(_Model):
+    """Usage history over a period."""
+
+    period: Optional[str] = None
+    start_date: Optional[str] = None
+    end_date: Optional[str] = None
+    history: List[UsageHistoryEntry] = field(default_factory=list)
+    summary: Optional[Dict[str, Any]] = None
+
+
+# --- Whitelist and secure message models ---
+
+
+@dataclass
+class WhitelistEntry(_Model):
+    """An email on the whitelist."""
+
+    email: str
+    application_id: Optional[str] = None
+    tier: Optional[str] = None
+    bypass_payment: Optional[bool] = None
+    metadata: Optional[Dict[str, Any]] = None
+
+
+@dataclass
+class WhitelistCheckResult(_Model):
+    """Whether an email is whitelisted; ``entry`` is ``None`` when it is not."""
+
+    message: str
+    entry: Optional[WhitelistEntry] = None
+
+
+@dataclass
+class WhitelistListResult(_Model):
+    """A page of whitelist entries."""
+
+    entries: List[WhitelistEntry] = field(default_factory=list)
+    total: int = 0
+
+    @classmethod
+    def _prepare(cls, obj: Mapping[str, Any]) -> Mapping[str, Any]:
+        entries = obj.get("entries") or []
+        return {**obj, "entries": entries, "total": obj.get("total", len(entries))}
+
+
+@dataclass
+class WhitelistMessage(_Model):
+    """A whitelist confirmation message."""
+
+    message: str
+
+
+@dataclass
+class SecureMessage(_Model):
+    """A secure message between a patient and a practitioner."""
+
+    id: str
+    patient_id: str
+    practitioner_id: str
+    content: str = field(repr=False)
+    application_id: Optional[str] = None
+    metadata: Optional[Dict[str, Any]] = None
+    created_at: Optional[str] = None
+
+
+@dataclass
+class SpapsWebhookPayload(_Model):
+    """A verified SPAPS webhook event."""
+
+    id: str
+    type: str
+    schema_version: int
+    application_id: str
+    created_at: str
+    data: Dict[str, Any]
+
+
+# =============================================================================
+# Token storage
+# =============================================================================
+
+
+@dataclass
+class StoredTokens:
+    """Tokens kept between calls; the tokens are hidden from ``repr``."""
+
+    access_token: str = field(repr=False)
+    refresh_token: Optional[str] = field(default=None, repr=False)
+    expires_at: Optional[datetime] = None
+    token_type: Optional[str] = None
+
+    def expires_within(self, seconds: float) -> bool:
+        """Whether the access token expires in less than ``seconds`` (False if unknown)."""
+        if self.expires_at is None:
+            return False
+        expires_at = self.expires_at
+        if expires_at.tzinfo is None:
+            expires_at = expires_at.replace(tzinfo=timezone.utc)
+        return expires_at - datetime.now(timezone.utc) < timedelta(seconds=seconds)
+
+
+class TokenStorage(ABC):
+    """Where a client keeps its tokens. Implement ``save``, ``load`` and ``clear``.
+
+    ``lock()`` guards a token refresh: the default serialises threads of this
+    process; storages shared by several processes or machines (files, Redis)
+    should override it with a lock those share, so that one refresh happens per
+    expiry (SPAPS rotates refresh tokens: a second refresh with the old one
+    fails).
+    """
+
+    _refresh_lock: Optional[threading.RLock] = None
+
+    @abstractmethod
+    def save(self, tokens: StoredTokens) -> None:
+        """Replace the stored tokens with ``tokens``."""
+
+    @abstractmethod
+    def load(self) -> Optional[StoredTokens]:
+        """The stored tokens, or ``None``."""
+
+    @abstractmethod
+    def clear(self) -> None:
+        """Forget the stored tokens."""
+
+    def lock(self) -> AbstractContextManager[Any]:
+        """A context manager held while tokens are refreshed."""
+        lock = self._refresh_lock
+        if lock is None:
+            lock = self._refresh_lock = threading.RLock()
+        return lock
+
+
+class InMemoryTokenStorage(TokenStorage):
+    """Tokens in process memory (the default). Thread-safe; ``load`` returns a copy."""
+
+    def __init__(self) -> None:
+        self._tokens: Optional[StoredTokens] = None
+        self._lock = threading.Lock()
+
+    def save(self, tokens: StoredTokens) -> None:
+        with self._lock:
+            self._tokens = _copy_tokens(tokens)
+
+    def load(self) -> Optional[StoredTokens]:
+        with self._lock:
+            return None if self._tokens is None else _copy_tokens(self._tokens)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._tokens = None
+
+
+def _copy_tokens(tokens: StoredTokens) -> StoredTokens:
+    return StoredTokens(tokens.access_token, tokens.refresh_token, tokens.expires_at,
+                        tokens.token_type)
+
+
+class FileTokenStorage(TokenStorage):
+    """Tokens in a JSON file (default ``~/.config/spaps/tokens.json``), safe under crashes.
+
+    Saves write a temporary file in the same directory with mode 0600 from the
+    first byte, fsync it and atomically rename it over the old file, so the
+    file is always either the old or the new complete token set. The parent
+    directory is created with mode 0700 on the first save. ``lock()`` takes an
+    exclusive ``fcntl`` lock on ``<path>.lock`` so several processes sharing
+    the file refresh once per expiry; where ``fcntl`` does not exist
+    (Windows) it only serialises threads of this process.
+    """
+
+    DEFAULT_PATH = "~/.config/spaps/tokens.json"
+
+    def __init__(self, *, path: Optional[Union[str, os.PathLike[str]]] = None) -> None:
+        self.path = os.path.abspath(os.path.expanduser(os.fspath(path or self.DEFAULT_PATH)))
+        self._thread_lock = threading.RLock()
+
+    def __repr__(self) -> str:
+        return f"FileTokenStorage(path={self.path!r})"
+
+    def save(self, tokens: StoredTokens) -> None:
+        document = {
+            "access_token": tokens.access_token,
+            "refresh_token": tokens.refresh_token,
+            "expires_at": tokens.expires_at.isoformat() if tokens.expires_at else None,
+            "token_type": tokens.token_type,
+        }
+        data = json.dumps(document, indent=2).encode("utf-8")
+        directory = os.path.dirname(self.path)
+        with self._thread_lock:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            temp = f"{self.path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                try:
+                    os.write(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(temp, self.path)
+            except BaseException:
+                with _suppress_os_error():
+                    os.unlink(temp)
+                raise
+            _fsync_directory(directory)
+
+    def load(self) -> Optional[StoredTokens]:
+        with self._thread_lock:
+            try:
+                with open(self.path, "rb") as handle:
+                    raw = handle.read()
+            except FileNotFoundError:
+                return None
+        try:
+            document = json.loads(raw)
+        except ValueError:
+            return None
+        if not isinstance(document, dict) or not isinstance(document.get("access_token"), str):
+            return None
+        expires_at: Optional[datetime] = None
+        if document.get("expires_at"):
+            try:
+                expires_at = _to_datetime(document["expires_at"])
+            except ValueError:
+                expires_at = None
+        refresh = document.get("refresh_token")
+        token_type = document.get("token_type")
+        return StoredTokens(
+            document["access_token"],
+            refresh if isinstance(refresh, str) else None,
+            expires_at,
+            token_type if isinstance(token_type, str) else None,
+        )
+
+    def clear(self) -> None:
+        with self._thread_lock, _suppress_os_error():
+            os.unlink(self.path)
+
+    def lock(self) -> AbstractContextManager[Any]:
+        return _FileLock(self.path + ".lock", self._thread_lock)
+
+
+class _FileLock:
+    """An exclusive lock across threads (RLock) and processes (fcntl.flock)."""
+
+    def __init__(self, path: str, thread_lock: threading.RLock) -> None:
+        self._path = path
+        self._thread_lock = thread_lock
+        self._fd: Optional[int] = None
+
+    def __enter__(self) -> _FileLock:
+        self._thread_lock.acquire()
+        try:
+            import fcntl
+        except ImportError:  # Windows: threads of this process only
+            return self
+        try:
+            os.makedirs(os.path.dirname(self._path), mode=0o700, exist_ok=True)
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._release_fd()
+            self._thread_lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._release_fd()
+        self._thread_lock.release()
+
+    def _release_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
+class _suppress_os_error:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Optional[type], *rest: object) -> bool:
+        return kind is not None and issubclass(kind, OSError)
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make the rename durable; not every platform can open a directory."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tokens_from(access_token: str, refresh_token: Optional[str], expires_in: Optional[int],
+                 token_type: Optional[str]) -> StoredTokens:
+    expires_at = None
+    if expires_in is not None:
+        expires_at = datetime.now(timezone.utc) + timedelta(seconds=expires_in)
+    return StoredTokens(access_token, refresh_token, expires_at, token_type)
+
+
+# =============================================================================
+# Services
+# =============================================================================
+#
+# Each endpoint is one method of a sync service class. The async classes are
+# derived from them (``_async_twin``): they run the very same method in a
+# worker thread, so the wire behaviour of both surfaces cannot drift apart.
+
+
+class _TokenSource:
+    """Where a service finds its access token; this base holds a fixed one."""
+
+    def __init__(self, token: Optional[str] = None) -> None:
+        self.token = token
+
+    def current(self) -> Optional[str]:
+        """The token for the next request (refreshed first if it is about to expire)."""
+        return self.token
+
+    def peek(self) -> Optional[str]:
+        """The token as it is now, without refreshing."""
+        return self.token
+
+    def after_rejection(self, rejected: str) -> Optional[str]:
+        """A new token after the server rejected ``rejected`` with 401, or ``None``."""
+        return None
+
+
+class _StoredTokenSource(_TokenSource):
+    """Tokens read from a ``TokenStorage`` at every request, refreshed when they expire.
+
+    A refresh happens under ``storage.lock()`` and re-reads the storage first:
+    whoever waited for the lock finds the new token and sends no request of its
+    own, so one expiry costs one refresh however many threads, tasks or
+    processes hit it.
+    """
+
+    EXPIRY_MARGIN = 30.0  # seconds before expires_at: covers clock skew and transit time
+
+    def __init__(self, storage: TokenStorage,
+                 refresh: Optional[Callable[[str], StoredTokens]] = None) -> None:
+        super().__init__()
+        self.storage = storage
+        self.refresh = refresh
+
+    def current(self) -> Optional[str]:
+        tokens = self.storage.load()
+        if tokens is None:
+            return None
+        if self.refresh is not None and tokens.refresh_token and tokens.expires_within(
+            self.EXPIRY_MARGIN
+        ):
+            try:
+                return self._refresh(tokens.access_token).access_token
+            except SpapsError:
+                if tokens.expires_within(0):
+                    raise
+        return tokens.access_token
+
+    def peek(self) -> Optional[str]:
+        tokens = self.storage.load()
+        return tokens.access_token if tokens else None
+
+    def after_rejection(self, rejected: str) -> Optional[str]:
+        if self.refresh is None:
+            return None
+        return self._refresh(rejected, force=True).access_token
+
+    def _refresh(self, stale: str, *, force: bool = False) -> StoredTokens:
+        assert self.refresh is not None
+        with self.storage.lock():
+            tokens = self.storage.load()
+            if tokens is None:
+                raise AuthError("no stored tokens to refresh; sign in again", status_code=401,
+                                error_code="NO_TOKENS", retryable=False)
+            if tokens.access_token != stale and (force or not tokens.expires_within(
+                self.EXPIRY_MARGIN
+            )):
+                return tokens  # another thread or process refreshed while we waited
+            if not tokens.refresh_token:
+                raise AuthError("the access token expired and no refresh token is stored",
+                                status_code=401, error_code="NO_REFRESH_TOKEN", retryable=False)
+            return self.refresh(tokens.refresh_token)
+
+
+class _Context:
+    """What a service needs to talk to SPAPS; services of one aggregate client share it."""
+
+    __slots__ = ("api_key", "base_url", "http", "tokens")
+
+    def __init__(self, http: RetryClient, base_url: str, api_key: str,
+                 tokens: _TokenSource) -> None:
+        self.http = http
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.tokens = tokens
+
+    def copy(self) -> _Context:
+        return _Context(self.http, self.base_url, self.api_key, self.tokens)
+
+
+_NONE, _KEY, _BEARER, _OPTIONAL_BEARER = "none", "key", "bearer", "optional"
+
+
+class _Reply:
+    """A successful JSON response, with helpers that turn surprises into service errors."""
+
+    __slots__ = ("body", "result", "service")
+
+    def __init__(self, service: _Service, result: _Result, body: Dict[str, Any]) -> None:
+        self.service = service
+        self.result = result
+        self.body = body
+
+    def data(self) -> Dict[str, Any]:
+        """The payload: the ``data`` object when the body has one, else the body itself."""
+        if "data" not in self.body:
+            return self.body
+        data = self.body["data"]
+        if not isinstance(data, dict):
+            raise self.invalid(f"'data' is {_kind(data)}, expected an object")
+        return data
+
+    def first_text(self, *candidates: Any) -> Optional[str]:
+        for value in candidates:
+            if isinstance(value, str) and value:
+                return value
+        return None
+
+    def parse(self, model: Type[_M], payload: Any) -> _M:
+        try:
+            return model.model_validate(payload)
+        except ValueError as exc:
+            raise self.invalid(str(exc)) from None
+
+    def invalid(self, problem: str) -> SpapsError:
+        result = self.result
+        return self.service._error(
+            f"{self.service._label} response was not understood: {problem}",
+            status_code=result.status, error_code="INVALID_RESPONSE", response=result.public,
+            request_id=_request_id(result, self.body), retryable=False,
+        )
+
+
+def _request_id(result: _Result, body: Optional[Mapping[str, Any]]) -> Optional[str]:
+    header = result.headers.get("x-request-id")
+    if header:
+        return header
+    metadata = body.get("metadata") if body else None
+    if isinstance(metadata, dict) and isinstance(metadata.get("request_id"), str):
+        return str(metadata["request_id"])
+    return None
+
+
+def _segment(value: Any, what: str) -> str:
+    """Percent-encode one path parameter so it can never change the request target."""
+    text = str(value) if value is not None else ""
+    if not text or text in (".", ".."):
+        raise ValueError(f"{what} must be a non-empty identifier, got {value!r}")
+    from urllib.parse import quote
+
+    return quote(text, safe="@+:!$&'()*,;=")
+
+
+def _json_body(pairs: Mapping[str, Any]) -> bytes:
+    return json.dumps(pairs, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+class _Service:
+    """Shared machinery of the service clients: headers, tokens, envelopes, errors."""
+
+    _error: ClassVar[Type[SpapsError]] = SpapsError
+    _label: ClassVar[str] = "SPAPS"
+    _ctx: _Context
+    _owns_http: bool
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str,
+        access_token: Optional[str] = None,
+        client: Optional[RetryClient] = None,
+        request_timeout: float = DEFAULT_TIMEOUT,
+        retry_config: Optional[Union[RetryConfig, Mapping[str, Any]]] = None,
+        logging_hooks: Optional[Union[LoggingHooks, Mapping[str, Any]]] = None,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        allow_insecure_http: bool = False,
+    ) -> None:
+        http = client or RetryClient(
+            base_url=base_url, timeout=request_timeout, retry_config=retry_config,
+            logging_hooks=logging_hooks, ssl_context=ssl_context,
+            allow_insecure_http=allow_insecure_http,
+        )
+        self._ctx = _Context(http, base_url, api_key, _TokenSource(access_token))
+        self._owns_http = client is None
+        self._setup()
+
+    @classmethod
+    def _attached(cls: Type[_S], ctx: _Context) -> _S:
+        """An instance sharing ``ctx`` (transport, tokens) with an aggregate client."""
+        service = cls.__new__(cls)
+        service._ctx = ctx.copy()
+        service._owns_http = False
+        service._setup()
+        return service
+
+    def _setup(self) -> None:
+        """Hook for sub-services (``payments.crypto``)."""
+
+    @property
+    def base_url(self) -> str:
+        """The SPAPS base URL, trailing slashes removed."""
+        return self._ctx.base_url
+
+    @property
+    def api_key(self) -> str:
+        """The API key sent as ``X-API-Key``."""
+        return self._ctx.api_key
+
+    @property
+    def access_token(self) -> Optional[str]:
+        """The access token sent as ``Authorization: Bearer``; assignable."""
+        return self._ctx.tokens.peek()
+
+    @access_token.setter
+    def access_token(self, token: Optional[str]) -> None:
+        self._ctx.tokens = _TokenSource(token)
+
+    def close(self) -> None:
+        """Close the HTTP client if this service created it."""
+        if self._owns_http:
+            self._ctx.http.close()
+
+    def __enter__(self: _S) -> _S:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self.base_url!r})"
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        auth: str = _BEARER,
+        token: Optional[str] = None,
+        query: Optional[List[Tuple[str, str]]] = None,
+        body: Any = _NO_BODY,
+        headers: Optional[Dict[str, str]] = None,
+        idempotency_key: Optional[str] = None,
+    ) -> _Reply:
+        """Send one request and return its JSON reply; raise the service's error otherwise."""
+        ctx = self._ctx
+        url = ctx.base_url + path
+        if query:
+            from urllib.parse import urlencode
+
+            url += "?" + urlencode(query)
+        payload = None if body is _NO_BODY else _json_body(body)
+        explicit = token
+        if auth in (_BEARER, _OPTIONAL_BEARER) and not token:
+            token = ctx.tokens.current()
+            if not token and auth == _BEARER:
+                raise ValueError(
+                    f"{self._label} calls need an access token: sign in with "
+                    "client.auth.sign_in_with_password() or call set_tokens() first"
+                )
+        result = self._send(method, url, auth, token, payload, headers, idempotency_key)
+        if result.status == 401 and token and not explicit:
+            fresh = ctx.tokens.after_rejection(token)
+            if fresh and fresh != token:
+                result = self._send(method, url, auth, fresh, payload, headers, idempotency_key)
+        return self._reply(result)
+
+    def _send(self, method: str, url: str, auth: str, token: Optional[str],
+              payload: Optional[bytes], extra: Optional[Dict[str, str]],
+              idempotency_key: Optional[str]) -> _Result:
+        headers: Dict[str, str] = {}
+        if auth != _NONE:
+            headers["X-API-Key"] = self._ctx.api_key
+        if token and auth in (_BEARER, _OPTIONAL_BEARER):
+            headers["Authorization"] = "Bearer " + token
+        if extra:
+            headers.update(extra)
+        return self._ctx.http.request(method, url, headers=headers, body=payload,
+                                      idempotency_key=idempotency_key)
+
+    def _reply(self, result: _Result) -> _Reply:
+        body: Any = None
+        parse_error = None
+        if result.body:
+            try:
+                body = json.loads(result.body)
+            except ValueError as exc:  # includes invalid UTF-8
+                parse_error = exc
+        if result.status >= 300:
+            raise self._status_error(result, body if isinstance(body, dict) else None)
+        reply = _Reply(self, result, {})
+        if not isinstance(body, dict):
+            problem = (
+                "the body is empty" if not result.body
+                else f"the body is not JSON ({_content_type(result)})" if parse_error
+                else f"the body is JSON {_kind(body)}, expected an object"
+            )
+            raise reply.invalid(problem)
+        reply.body = body
+        return reply
+
+    def _status_error(self, result: _Result, body: Optional[Dict[str, Any]]) -> SpapsError:
+        info = body.get("error") if body else None
+        code = None
+        message = None
+        if isinstance(info, dict):
+            message = info.get("message") if isinstance(info.get("message"), str) else None
+            code = info.get("code") if isinstance(info.get("code"), str) else None
+        elif isinstance(info, str):
+            message = info
+        if not message and body and isinstance(body.get("message"), str):
+            message = body["message"]
+        if not message:
+            detail = "" if body is not None or not result.body else (
+                f"; the body was not JSON ({_content_type(result)})"
+            )
+            message = f"{self._label} request failed with HTTP {result.status}{detail}"
+        retry_after = _parse_retry_after(result.headers.get("retry-after"))
+        return self._error(
+            message, status_code=result.status, error_code=code, response=result.public,
+            request_id=_request_id(result, body), retry_after=retry_after,
+        )
+
+
+def _content_type(result: _Result) -> str:
+    return result.headers.get("content-type", "no content type").split(";")[0]
+
+
+def _pick(**pairs: Any) -> Dict[str, Any]:
+    """Keep the pairs whose value is not ``None``."""
+    return {key: value for key, value in pairs.items() if value is not None}
+
+
+class AuthClient(_Service):
+    """Sign-in, registration, magic links, wallets, tokens and passwords (``/api/auth``).
+
+    When constructed with a ``token_storage`` (aggregate clients always give
+    one), every call that issues tokens stores them and ``logout`` clears them.
+    """
+
+    AUTH_PREFIX = "/api/auth"
+    _error = AuthError
+    _label = "Authentication"
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str,
+        client: Optional[RetryClient] = None,
+        request_timeout: float = DEFAULT_TIMEOUT,
+        token_storage: Optional[TokenStorage] = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(base_url=base_url, api_key=api_key, client=client,
+                         request_timeout=request_timeout, **options)
+        self.token_storage = token_storage
+        if token_storage is not None:
+            self._ctx.tokens = _StoredTokenSource(token_storage)
+
+    def _setup(self) -> None:
+        tokens = self._ctx.tokens
+        self.token_storage = tokens.storage if isinstance(tokens, _StoredTokenSource) else None
+
+    def request_nonce(self, *, wallet_address: str, chain: Optional[str] = None) -> NonceResponse:
+        """Ask for a message to sign with ``wallet_address`` (step 1 of wallet sign-in)."""
+        body: Dict[str, Any] = {"wallet_address": wallet_address}
+        if chain:
+            body["chain"] = chain
+        reply = self._call("POST", "/api/auth/nonce", auth=_KEY, body=body)
+        return reply.parse(NonceResponse, reply.data())
+
+    def verify_wallet(
+        self, *, wallet_address: str, signature: str, message: str, chain: Optional[str] = None
+    ) -> TokenPair:
+        """Sign in with a wallet signature of the nonce message; stores the tokens."""
+        body: Dict[str, Any] = {
+            "wallet_address": wallet_address, "signature": signature, "message": message,
+        }
+        if chain:
+            body["chain_type"] = chain
+        return self._token_pair(self._call("POST", "/api/auth/wallet-sign-in", auth=_KEY,
+                                           body=body))
+
+    def sign_in_with_password(self, *, email: str, password: str) -> TokenPair:
+        """Sign in with email and password; stores the tokens."""
+        return self._token_pair(self._call(
+            "POST", "/api/auth/login", auth=_KEY, body={"email": email, "password": password}
+        ))
+
+    def refresh_tokens(self, *, refresh_token: str) -> TokenPair:
+        """Exchange a refresh token for a new pair (the old refresh token stops working)."""
+        return self._token_pair(self._call(
+            "POST", "/api/auth/refresh", auth=_KEY, body={"refresh_token": refresh_token}
+        ))
+
+    def register(
+        self,
+        *,
+        email: str,
+        password: str,
+        username: Optional[str] = None,
+        phone_number: Optional[str] = None,
+        referral_click_id: Optional[str] = None,
+        ref: Optional[str] = None,
+    ) -> RegistrationResponse:
+        """Create an account; stores tokens when the server signs the user in at once."""
+        body = {"email": email, "password": password, **_pick(
+            username=username, phone_number=phone_number, referral_click_id=referral_click_id,
+            ref=ref,
+        )}
+        return self._user_and_tokens(
+            self._call("POST", "/api/auth/register", auth=_KEY, body=body), RegistrationResponse
+        )
+
+    def send_magic_link(self, *, email: str) -> MagicLinkSendResponse:
+        """Email a one-time sign-in link to ``email``."""
+        reply = self._call("POST", "/api/auth/magic-link", auth=_KEY, body={"email": email})
+        return self._message_with_data(reply, MagicLinkSendResponse)
+
+    def verify_magic_link(self, *, token: str, type: str = "magiclink") -> MagicLinkAuthResponse:
+        """Sign in with the token from a magic link; stores the tokens."""
+        reply = self._call("POST", "/api/auth/verify-magic-link", auth=_KEY,
+                           body={"token": token, "type": type})
+        return self._user_and_tokens(reply, MagicLinkAuthResponse)
+
+    def logout(self, *, access_token: Optional[str] = None) -> MessageResponse:
+        """End the session of ``access_token`` (default: the stored one) and clear storage."""
+        if access_token is None:
+            access_token = self._ctx.tokens.peek()
+        if not access_token:
+            raise ValueError("logout needs an access token: none was given or stored")
+        reply = self._call("POST", "/api/auth/logout", token=access_token)
+        message = reply.first_text(
+            reply.body.get("data", {}).get("message") if isinstance(
+                reply.body.get("data"), dict) else None,
+            reply.body.get("message"),
+        ) or "Logged out"
+        self.clear_stored_tokens()
+        return MessageResponse(message=message)
+
+    def get_current_user(self, *, access_token: Optional[str] = None) -> UserProfile:
+        """The signed-in user's profile."""
+        reply = self._call("GET", "/api/auth/user", token=access_token)
+        data = reply.data()
+        user = data.get("user") if isinstance(data.get("user"), dict) else reply.body.get("user")
+        return reply.parse(UserProfile, user)
+
+    def request_password_reset(
+        self, *, email: str, redirect_url: Optional[str] = None
+    ) -> PasswordResetRequestResponse:
+        """Email a password-reset link (answers the same whether or not the user exists)."""
+        reply = self._call("POST", "/api/auth/password-reset", auth=_KEY,
+                           body={"email": email, **_pick(redirect_url=redirect_url)})
+        return self._message_with_data(reply, PasswordResetRequestResponse)
+
+    def confirm_password_reset(self, *, token: str, new_password: str) -> MessageResponse:
+        """Set a new password with the token from a reset email."""
+        reply = self._call("POST", "/api/auth/reset-password-confirm", auth=_KEY,
+                           body={"token": token, "new_password": new_password})
+        return reply.parse(MessageResponse, {"message": reply.first_text(
+            reply.body.get("message"), reply.data().get("message"))})
+
+    def get_stored_tokens(self) -> Optional[StoredTokens]:
+        """The stored tokens (``None`` without storage or tokens)."""
+        return self.token_storage.load() if self.token_storage else None
+
+    def clear_stored_tokens(self) -> None:
+        """Forget the stored tokens."""
+        if self.token_storage is not None:
+            self.token_storage.clear()
+
+    def _store(self, access: str, refresh: Optional[str], expires_in: Optional[int],
+               token_type: Optional[str]) -> None:
+        if self.token_storage is not None:
+            self.token_storage.save(_tokens_from(access, refresh, expires_in, token_type))
+
+    def _token_pair(self, reply: _Reply) -> TokenPair:
+        pair = reply.parse(TokenPair, reply.data())
+        self._store(pair.access_token, pair.refresh_token, pair.expires_in, pair.token_type)
+        return pair
+
+    def _user_and_tokens(self, reply: _Reply, model: Type[_M]) -> _M:
+        """Registration-style replies: user, tokens and message at the top or under data."""
+        body = reply.body
+        data = body.get("data") if isinstance(body.get("data"), dict) else {}
+        assert isinstance(data, dict)
+        user = body.get("user") if isinstance(body.get("user"), dict) else data.get("user")
+        tokens = body.get("tokens") if isinstance(body.get("tokens"), dict) else data.get(
+            "tokens")
+        result = reply.parse(model, {
+            "user": user, "tokens": tokens if isinstance(tokens, dict) else None,
+            "message": reply.first_text(body.get("message"), data.get("message")),
+        })
+        stored = getattr(result, "tokens", None)
+        if isinstance(stored, RegistrationTokens):
+            self._store(stored.access_token, stored.refresh_token, stored.expires_in, "Bearer")
+        return result
+
+    def _message_with_data(self, reply: _Reply, model: Type[_M]) -> _M:
+        data = reply.data()
+        return reply.parse(model, {
+            **data, "message": reply.first_text(reply.body.get("message"), data.get("message")),
+        })
+
+
+class SessionsClient(_Service):
+    """The signed-in user's sessions (``/api/sessions``)."""
+
+    SESSIONS_PREFIX = "/api/sessions"
+    _error = SessionError
+    _label = "Session"
+
+    def get_current_session(self, *, access_token_override: Optional[str] = None
+                            ) -> SessionSummary:
+        """The session behind the access token."""
+        reply = self._call("GET", "/api/sessions/current", token=access_token_override)
+        return reply.parse(SessionSummary, _unwrap(reply.data(), "session"))
+
+    def validate_session(self, *, access_token_override: Optional[str] = None
+                         ) -> SessionValidationResult:
+        """Whether the session is still valid."""
+        reply = self._call("POST", "/api/sessions/validate", token=access_token_override,
+                           body={})
+        data = reply.data()
+        # The server answers flat (data.valid); older fixtures nest it under "session".
+        return reply.parse(SessionValidationResult,
+                           data if "valid" in data else _unwrap(data, "session"))
+
+    def list_sessions(
+        self,
+        *,
+        limit: Optional[int] = None,
+        starting_after: Optional[str] = None,
+        access_token_override: Optional[str] = None,
+    ) -> SessionListResult:
+        """The user's sessions, ``limit`` at a time, after session ``starting_after``."""
+        query = [("limit", str(limit))] if limit is not None else []
+        if starting_after:
+            query.append(("starting_after", starting_after))
+        reply = self._call("GET", "/api/sessions", token=access_token_override, query=query)
+        return reply.parse(SessionListResult, reply.data())
+
+    def touch_session(self, *, access_token_override: Optional[str] = None
+                      ) -> SessionTouchResult:
+        """Mark the session active now."""
+        reply = self._call("POST", "/api/sessions/touch", token=access_token_override, body={})
+        return reply.parse(SessionTouchResult, reply.data())
+
+    def revoke_session(self, session_id: str, *, access_token_override: Optional[str] = None
+                       ) -> SessionRevokeResult:
+        """End session ``session_id``; its tokens stop working."""
+        path = "/api/sessions/" + _segment(session_id, "session_id")
+        reply = self._call("DELETE", path, token=access_token_override)
+        return reply.parse(SessionRevokeResult, reply.data())
+
+
+def _unwrap(payload: Dict[str, Any], key: str) -> Dict[str, Any]:
+    inner = payload.get(key)
+    return inner if isinstance(inner, dict) else payload
+
+
+class CryptoPaymentsClient(_Service):
+    """Crypto invoices (``payments.crypto``, ``/api/payments/crypto``).
+
+    Normally reached as ``payments.crypto``, sharing the parent's transport and
+    token. The standalone form takes a ``RetryClient`` and a ``header_builder``
+    that maps an optional override token to the headers to send.
+    """
+
+    CRYPTO_PREFIX = "/api/payments/crypto"
+    _error = CryptoPaymentsError
+    _label = "Crypto payments"
+    _header_builder: Optional[Callable[[Optional[str]], Dict[str, str]]] = None
+
+    def __init__(self, *, client: RetryClient,
+                 header_builder: Callable[[Optional[str]], Dict[str, str]]) -> None:
+        self._ctx = _Context(client, client.base_url, "", _TokenSource())
+        self._owns_http = False
+        self._header_builder = header_builder
+
+    @classmethod
+    def _invoice_path(cls, invoice_id: str, *, include_prefix: bool = False) -> str:
+        path = "/invoices/" + _segment(invoice_id, "invoice_id")
+        return cls.CRYPTO_PREFIX + path if include_prefix else path
+
+    def _send(self, method: str, url: str, auth: str, token: Optional[str],
+              payload: Optional[bytes], extra: Optional[Dict[str, str]],
+              idempotency_key: Optional[str]) -> _Result:
+        if self._header_builder is None:
+            return super()._send(method, url, auth, token, payload, extra, idempotency_key)
+        headers = dict(self._header_builder(token))
+        headers.update(extra or {})
+        return super()._send(method, url, _NONE, None, payload, headers, idempotency_key)
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> _Reply:
+        if self._header_builder is not None:
+            kwargs["auth"] = _NONE
+        return super()._call(method, path, **kwargs)
+
+    def create_invoice(
+        self,
+        *,
+        asset: str,
+        network: str,
+        amount: Union[str, int, float],
+        expires_in_seconds: Optional[int] = None,
+        beneficiary: Optional[Dict[str, Any]] = None,
+        metadata: Optional[Dict[str, Any]] = None,
+        idempotency_key: Optional[str] = None,
+        access_token_override: Optional[str] = None,
+    ) -> CryptoInvoice:
+        """Create an invoice for ``amount`` (sent as a decimal string) of ``asset``."""
+        body = {"asset": asset, "network": network, "amount": _decimal_text(amount), **_pick(
+            expires_in_seconds=expires_in_seconds, beneficiary=beneficiary, metadata=metadata,
+        )}
+        reply = self._call("POST", self.CRYPTO_PREFIX + "/invoices", body=body,
+                           token=access_token_override, idempotency_key=idempotency_key)
+        return reply.parse(CryptoInvoice, _unwrap(reply.data(), "invoice"))
+
+    def get_invoice(self, invoice_id: str, *, access_token_override: Optional[str] = None
+                    ) -> CryptoInvoice:
+        """Invoice ``invoice_id``."""
+        reply = self._call("GET", self._invoice_path(invoice_id, include_prefix=True),
+                           token=access_token_override)
+        return reply.parse(CryptoInvoice, _unwrap(reply.data(), "invoice"))
+
+    def get_invoice_status(self, invoice_id: str, *, access_token_override: Optional[str] = None
+                           ) -> CryptoInvoiceStatus:
+        """The settlement status of invoice ``invoice_id``."""
+        path = self._invoice_path(invoice_id, include_prefix=True) + "/status"
+        reply = self._call("GET", path, token=access_token_override)
+        return reply.parse(CryptoInvoiceStatus, reply.data())
+
+    def reconcile(
+        self,
+        *,
+        recon_token: Optional[str] = None,
+        cursor: Optional[Any] = None,
+        access_token_override: Optional[str] = None,
+    ) -> CryptoReconcileJob:
+        """Schedule a reconciliation from ``cursor``; ``recon_token`` goes in ``X-Recon-Token``."""
+        headers = {"X-Recon-Token": recon_token} if recon_token else None
+        body = {"cursor": cursor} if cursor is not None else {}
+        reply = self._call("POST", self.CRYPTO_PREFIX + "/reconcile", body=body,
+                           headers=headers, token=access_token_override)
+        return reply.parse(CryptoReconcileJob, reply.data())
+
+
+def _decimal_text(amount: Union[str, int, float]) -> str:
+    if isinstance(amount, bool) or not isinstance(amount, (str, int, float)):
+        raise TypeError(f"amount must be a decimal string or number, got {type(amount).__name__}")
+    if isinstance(amount, float):
+        return repr(amount)
+    return str(amount)
+
+
+class PaymentsClient(_Service):
+    """Stripe checkouts, balance, payment intents, wallet deposits, subscriptions.
+
+    Mutating calls accept ``idempotency_key``: the server then applies the
+    request once however often it arrives, and the client may retry it safely.
+    """
+
+    PAYMENTS_PREFIX = "/api/payments"
+    _error = PaymentsError
+    _label = "Payments"
+    crypto: CryptoPaymentsClient
+
+    def _setup(self) -> None:
+        self.crypto = CryptoPaymentsClient._attached(self._ctx)
+        self.crypto._ctx = self._ctx  # one token for both: assigning access_token updates both
+
+    def create_checkout_session(
+        self,
+        *,
+        price_id: str,
+        mode: str,
+        success_url: str,
+        cancel_url: str,
+        metadata: Optional[Dict[str, Any]] = None,
+        require_legal_consent: Optional[bool] = None,
+        legal_consent_text: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
+        access_token_override: Optional[str] = None,
+    ) -> CheckoutSession:
+        """Start a Stripe checkout; send the user to the returned ``checkout_url``."""
+        body: Dict[str, Any] = {"price_id": price_id, "mode": mode, "success_url": success_url,
+                                "cancel_url": cancel_url}
+        if metadata:
+            body["metadata"] = metadata
+        if require_legal_consent is not None:
+            body["require_legal_consent"] = require_legal_consent
+        if legal_consent_text:
+            body["legal_consent_text"] = legal_consent_text
+        reply = self._call("POST", "/api/payments/create-checkout-session", body=body,
+                           token=access_token_override, idempotency_key=idempotency_key)
+        return reply.parse(CheckoutSession, reply.data())
+
+    def get_balance(self, *, access_token_override: Optional[str] = None) -> BalanceOverview:
+        """The user's balance, tier and usage."""
+        reply = self._call("GET", "/api/payments/balance", token=access_token_override)
+        return reply.parse(BalanceOverview, reply.data())
+
+    def create_payment_intent(
+        self,
+        *,
+        amount: int,
+        currency: str,
+        payment_method_types: Optional[List[str]] = None,
+        metadata: Optional[Dict[str, Any]] = None,
+        idempotency_key: Optional[str] = None,
+        access_token_override: Optional[str] = None,
+    ) -> PaymentIntent:
+        """Create a payment intent for ``amount`` minor units (cents) of ``currency``."""
+        body: Dict[str, Any] = {"amount": amount, "currency": currency,
+                                **_pick(payment_method_types=payment_method_types)}
+        if metadata:
+            body["metadata"] = metadata
+        reply = self._call("POST", "/api/payments/create-payment-intent", body=body,
+                           token=access_token_override, idempotency_key=idempotency_key)
+        return reply.parse(PaymentIntent, reply.data())
+
+    def update_payment_method(
+        self,
+        *,
+        payment_method_id: str,
+        set_default: Optional[bool] = None,
+        access_token_override: Optional[str] = None,
+    ) -> PaymentMethodUpdateResult:
+        """Attach payment method ``payment_method_id``, optionally as the default."""
+        if not payment_method_id:
+            raise ValueError("payment_method_id must not be empty")
+        body = {"payment_method_id": payment_method_id, **_pick(set_default=set_default)}
+        reply = self._call("POST", "/api/payments/update-payment-method", body=body,
+                           token=access_token_override)
+        return reply.parse(PaymentMethodUpdateResult, reply.data())
+
+    def wallet_deposit(
+        self,
+        *,
+        wallet_address: str,
+        chain_type: str,
+        transaction_id: str,
+        amount: float,
+        currency: str,
+        tier: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
+        access_token_override: Optional[str] = None,
+    ) -> WalletDeposit:
+        """Record an on-chain deposit ``transaction_id`` to the user's balance."""
+        body: Dict[str, Any] = {
+            "wallet_address": wallet_address, "chain_type": chain_type,
+            "transaction_id": transaction_id, "amount": float(amount), "currency": currency,
+        }
+        if tier:
+            body["tier"] = tier
+        reply = self._call("POST", "/api/payments/wallet-deposit", body=body,
+                           token=access_token_override, idempotency_key=idempotency_key)
+        return reply.parse(WalletDeposit, reply.data())
+
+    def get_wallet_transaction(self, *, transaction_id: str,
+                               access_token_override: Optional[str] = None) -> WalletTransaction:
+        """Wallet transaction ``transaction_id``."""
+        path = "/api/payments/wallet-transaction/" + _segment(transaction_id, "transaction_id")
+        reply = self._call("GET", path, token=access_token_override)
+        return reply.parse(WalletTransaction, reply.data())
+
+    def get_subscription(self, *, subscription_id: str,
+                         access_token_override: Optional[str] = None) -> SubscriptionDetail:
+        """Subscription ``subscription_id``."""
+        path = "/api/payments/subscription/" + _segment(subscription_id, "subscription_id")
+        reply = self._call("GET", path, token=access_token_override)
+        return reply.parse(SubscriptionDetail, reply.data())
+
+    def cancel_subscription(
+        self,
+        *,
+        subscription_id: str,
+        cancel_at_period_end: Optional[bool] = None,
+        access_token_override: Optional[str] = None,
+    ) -> SubscriptionCancellation:
+        """Cancel a subscription now or at the end of the period."""
+        body = {"subscription_id": subscription_id,
+                **_pick(cancel_at_period_end=cancel_at_period_end)}
+        reply = self._call("POST", "/api/payments/cancel-subscription", body=body,
+                           token=access_token_override)
+        return reply.parse(SubscriptionCancellation, reply.data())
+
+
+class UsageClient(_Service):
+    """Metered feature usage (``/api/usage``)."""
+
+    USAGE_PREFIX = "/api/usage"
+    _error = UsageError
+    _label = "Usage"
+
+    def get_features(self, *, access_token_override: Optional[str] = None
+                     ) -> UsageFeaturesResponse:
+        """The user's metered features and their usage."""
+        reply = self._call("GET", "/api/usage/features", token=access_token_override)
+        return reply.parse(UsageFeaturesResponse, reply.data())
+
+    def record_usage(
+        self,
+        *,
+        feature: str,
+        quantity: Union[int, float],
+        metadata: Optional[Dict[str, Any]] = None,
+        timestamp: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
+        access_token_override: Optional[str] = None,
+    ) -> UsageRecordResult:
+        """Record ``quantity`` units of ``feature``; with ``idempotency_key`` it counts once."""
+        body = {"feature": feature, "quantity": quantity,
+                **_pick(metadata=metadata, timestamp=timestamp)}
+        reply = self._call("POST", "/api/usage/record", body=body, token=access_token_override,
+                           idempotency_key=idempotency_key)
+        return reply.parse(UsageRecordResult, reply.data())
+
+    def get_history(
+        self,
+        *,
+        period: Optional[str] = None,
+        start_date: Optional[str] = None,
+        end_date: Optional[str] = None,
+        feature: Optional[str] = None,
+        format: Optional[str] = None,
+        access_token_override: Optional[str] = None,
+    ) -> UsageHistoryResponse:
+        """Usage history, filtered by period, dates and feature."""
+        filters = {"period": period, "start_date": start_date, "end_date": end_date,
+                   "feature": feature, "format": format}
+        query = [(key, value) for key, value in filters.items() if value]
+        reply = self._call("GET", "/api/usage/history", token=access_token_override, query=query)
+        return reply.parse(UsageHistoryResponse, reply.data())
+
+
+class WhitelistClient(_Service):
+    """The application's email whitelist (``/api/v1/whitelist``)."""
+
+    WHITELIST_PREFIX = "/api/v1/whitelist"
+    _error = WhitelistError
+    _label = "Whitelist"
+
+    def check(self, *, email: str) -> WhitelistCheckResult:
+        """Whether ``email`` is whitelisted (sends the API key only, never a token)."""
+        reply = self._call("GET", self.WHITELIST_PREFIX + "/check", auth=_KEY,
+                           query=[("email", email)])
+        data = self._data(reply)
+        entry = data.get("entry") if isinstance(data.get("entry"), dict) else None
+        return reply.parse(WhitelistCheckResult, {
+            "message": reply.first_text(data.get("message"), reply.body.get("message")),
+            "entry": entry,
+        })
+
+    def list(
+        self,
+        *,
+        limit: int = 10,
+        offset: int = 0,
+        tier: Optional[str] = None,
+        access_token_override: Optional[str] = None,
+    ) -> WhitelistListResult:
+        """A page of whitelist entries."""
+        query = [("limit", str(limit)), ("offset", str(offset))]
+        if tier:
+            query.append(("tier", tier))
+        reply = self._call("GET", self.WHITELIST_PREFIX, token=access_token_override,
+                           query=query)
+        return reply.parse(WhitelistListResult, self._data(reply))
+
+    def add(
+        self,
+        *,
+        email: str,
+        tier: str = "premium",
+        bypass_payment: bool = True,
+        metadata: Optional[Dict[str, Any]] = None,
+        access_token_override: Optional[str] = None,
+    ) -> WhitelistEntry:
+        """Whitelist ``email`` at ``tier``."""
+        body = {"email": email, "tier": tier, "bypass_payment": bypass_payment,
+                **_pick(metadata=metadata)}
+        reply = self._call("POST", self.WHITELIST_PREFIX, body=body,
+                           token=access_token_override)
+        return reply.parse(WhitelistEntry, self._data(reply).get("entry"))
+
+    def update(
+        self,
+        *,
+        email: str,
+        tier: Optional[str] = None,
+        bypass_payment: Optional[bool] = None,
+        metadata: Optional[Dict[str, Any]] = None,
+        access_token_override: Optional[str] = None,
+    ) -> WhitelistEntry:
+        """Change the tier, payment bypass or metadata of ``email``'s entry."""
+        body = _pick(tier=tier, bypass_payment=bypass_payment, metadata=metadata)
+        reply = self._call("PUT", self.WHITELIST_PREFIX + "/" + _segment(email, "email"),
+                           body=body, token=access_token_override)
+        return reply.parse(WhitelistEntry, self._data(reply).get("entry"))
+
+    def remove(self, *, email: str, access_token_override: Optional[str] = None
+               ) -> WhitelistMessage:
+        """Remove ``email`` from the whitelist."""
+        reply = self._call("DELETE", self.WHITELIST_PREFIX + "/" + _segment(email, "email"),
+                           token=access_token_override)
+        return reply.parse(WhitelistMessage, {"message": reply.first_text(
+            self._data(reply).get("message"), reply.body.get("message"))})
+
+    @staticmethod
+    def _data(reply: _Reply) -> Dict[str, Any]:
+        data = reply.body.get("data")
+        return data if isinstance(data, dict) else {}
+
+
+class SecureMessagesClient(_Service):
+    """Secure patient/practitioner messages (``/api/secure-messages``)."""
+
+    SECURE_MESSAGES_PREFIX = "/api/secure-messages"
+    _error = SecureMessagesError
+    _label = "Secure message"
+
+    def create_message(
+        self,
+        *,
+        patient_id: str,
+        practitioner_id: str,
+        content: str,
+        metadata: Optional[Dict[str, Any]] = None,
+        idempotency_key: Optional[str] = None,
+        access_token_override: Optional[str] = None,
+    ) -> SecureMessage:
+        """Store a message (request keys go out camelCase: ``patientId``, ``practitionerId``)."""
+        body = {"patientId": patient_id, "practitionerId": practitioner_id, "content": content,
+                **_pick(metadata=metadata)}
+        reply = self._call("POST", self.SECURE_MESSAGES_PREFIX, auth=_OPTIONAL_BEARER, body=body,
+                           token=access_token_override, idempotency_key=idempotency_key)
+        return reply.parse(SecureMessage, reply.data())
+
+    def list_messages(self, *, access_token_override: Optional[str] = None
+                      ) -> List[SecureMessage]:
+        """The application's messages, oldest first."""
+        reply = self._call("GET", self.SECURE_MESSAGES_PREFIX, auth=_OPTIONAL_BEARER,
+                           token=access_token_override)
+        data = reply.data()
+        messages = data.get("messages", [])
+        if not isinstance(messages, list):
+            raise reply.invalid(f"'messages' is {_kind(messages)}, expected a list")
+        return [reply.parse(SecureMessage, item) for item in messages]
+
+
+class MetricsClient(_Service):
+    """Health, readiness and metrics endpoints; they need no API key or token."""
+
+    _error = MetricsError
+    _label = "Metrics"
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        client: Optional[RetryClient] = None,
+        request_timeout: float = DEFAULT_TIMEOUT,
+        **options: Any,
+    ) -> None:
+        super().__init__(base_url=base_url, api_key="", client=client,
+                         request_timeout=request_timeout, **options)
+
+    def get_prometheus_metrics(self) -> str:
+        """The Prometheus exposition text from ``/api/metrics``."""
+        result = self._send("GET", self.base_url + "/api/metrics", _NONE, None, None,
+                            {"Accept": "text/plain"}, None)
+        if result.status >= 300:
+            raise self._status_error(result, None)
+        return result.body.decode("utf-8", "replace")
+
+    def get_metrics_json(self) -> Dict[str, Any]:
+        """Metrics as the JSON object ``/api/metrics/json`` returns."""
+        return self._call("GET", "/api/metrics/json", auth=_NONE,
+                          headers={"Accept": "application/json"}).body
+
+    def health(self) -> Dict[str, Any]:
+        """The ``/health`` document, e.g. ``{"status": "healthy"}``."""
+        return self._call("GET", "/health", auth=_NONE).body
+
+    def readiness(self) -> Dict[str, Any]:
+        """The ``/health/ready`` document, e.g. ``{"ready": true}``."""
+        return self._call("GET", "/health/ready", auth=_NONE).body
+
+
+# --- The async surface, derived from the sync services ---
+
+_executor_lock = threading.Lock()
+_shared_executor: Optional[ThreadPoolExecutor] = None
+ASYNC_WORKERS = 64
+"""Worker threads shared by all async clients (a call occupies one while it runs)."""
+
+
+def _async_executor() -> ThreadPoolExecutor:
+    # Our own pool: the loop's default executor would cap concurrency at cpu_count + 4.
+    global _shared_executor
+    with _executor_lock:
+        if _shared_executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _shared_executor = ThreadPoolExecutor(ASYNC_WORKERS, thread_name_prefix="spaps")
+        return _shared_executor
+
+
+async def _in_thread(function: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    import asyncio
+    import contextvars
+    import functools
+
+    call = functools.partial(contextvars.copy_context().run, function, *args, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(_async_executor(), call)
+
+
+def _async_twin(
+    method: Callable[Concatenate[_S, _P], _T],
+) -> Callable[Concatenate[_AsyncService[_S], _P], Coroutine[Any, Any, _T]]:
+    """The async form of a sync service method: the same call, run in a worker thread."""
+    name = method.__name__
+
+    async def twin(self: _AsyncService[_S], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return await _in_thread(getattr(self._sync, name), *args, **kwargs)
+
+    twin.__name__ = twin.__qualname__ = name
+    twin.__doc__ = method.__doc__
+    return twin
+
+
+class _AsyncService(Generic[_S]):
+    """Base of the async service clients: wraps the sync client of the same service.
+
+    The constructor takes the same keywords as the sync class.
+    """
+
+    _sync_class: ClassVar[Type[_Service]]
+    _sync: _S
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._sync = self._sync_class(**kwargs)  # type: ignore[assignment]
+
+    @classmethod
+    def _wrap(cls, sync: _S) -> Any:
+        service = cls.__new__(cls)
+        service._sync = sync
+        return service
+
+    @property
+    def base_url(self) -> str:
+        """The SPAPS base URL, trailing slashes removed."""
+        return self._sync.base_url
+
+    @property
+    def api_key(self) -> str:
+        """The API key sent as ``X-API-Key``."""
+        return self._sync.api_key
+
+    @property
+    def access_token(self) -> Optional[str]:
+        """The access token sent as ``Authorization: Bearer``; assignable."""
+        return self._sync.access_token
+
+    @access_token.setter
+    def access_token(self, token: Optional[str]) -> None:
+        self._sync.access_token = token
+
+    async def aclose(self) -> None:
+        """Close the HTTP client if this service created it."""
+        self._sync.close()
+
+    async def __aenter__(self: _T) -> _T:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self.base_url!r})"
+
+
+class AsyncAuthClient(_AsyncService[AuthClient]):
+    """Async ``AuthClient``: same constructor keywords, every method awaitable."""
+
+    _sync_class = AuthClient
+    AUTH_PREFIX = AuthClient.AUTH_PREFIX
+    request_nonce = _async_twin(AuthClient.request_nonce)
+    verify_wallet = _async_twin(AuthClient.verify_wallet)
+    sign_in_with_password = _async_twin(AuthClient.sign_in_with_password)
+    refresh_tokens = _async_twin(AuthClient.refresh_tokens)
+    register = _async_twin(AuthClient.register)
+    send_magic_link = _async_twin(AuthClient.send_magic_link)
+    verify_magic_link = _async_twin(AuthClient.verify_magic_link)
+    logout = _async_twin(AuthClient.logout)
+    get_current_user = _async_twin(AuthClient.get_current_user)
+    request_password_reset = _async_twin(AuthClient.request_password_reset)
+    confirm_password_reset = _async_twin(AuthClient.confirm_password_reset)
+
+    @property
+    def token_storage(self) -> Optional[TokenStorage]:
+        """The storage tokens are saved to, if any."""
+        return self._sync.token_storage
+
+    def get_stored_tokens(self) -> Optional[StoredTokens]:
+        """The stored tokens (``None`` without storage or tokens)."""
+        return self._sync.get_stored_tokens()
+
+    def clear_stored_tokens(self) -> None:
+        """Forget the stored tokens."""
+        self._sync.clear_stored_tokens()
+
+
+class AsyncSessionsClient(_AsyncService[SessionsClient]):
+    """Async ``SessionsClient``: same constructor keywords, every method awaitable."""
+
+    _sync_class = SessionsClient
+    SESSIONS_PREFIX = SessionsClient.SESSIONS_PREFIX
+    get_current_session = _async_twin(SessionsClient.get_current_session)
+    validate_session = _async_twin(SessionsClient.validate_session)
+    list_sessions = _async_twin(SessionsClient.list_sessions)
+    touch_session = _async_twin(SessionsClient.touch_session)
+    revoke_session = _async_twin(SessionsClient.revoke_session)
+
+
+class AsyncCryptoPaymentsClient(_AsyncService[CryptoPaymentsClient]):
+    """Async ``CryptoPaymentsClient`` (``payments.crypto`` of the async clients)."""
+
+    _sync_class = CryptoPaymentsClient
+    CRYPTO_PREFIX = CryptoPaymentsClient.CRYPTO_PREFIX
+    create_invoice = _async_twin(CryptoPaymentsClient.create_invoice)
+    get_invoice = _async_twin(CryptoPaymentsClient.get_invoice)
+    get_invoice_status = _async_twin(CryptoPaymentsClient.get_invoice_status)
+    reconcile = _async_twin(CryptoPaymentsClient.reconcile)
+
+
+class AsyncPaymentsClient(_AsyncService[PaymentsClient]):
+    """Async ``PaymentsClient``: same constructor keywords, every method awaitable."""
+
+    _sync_class = PaymentsClient
+    PAYMENTS_PREFIX = PaymentsClient.PAYMENTS_PREFIX
+    create_checkout_session = _async_twin(PaymentsClient.create_checkout_session)
+    get_balance = _async_twin(PaymentsClient.get_balance)
+    create_payment_intent = _async_twin(PaymentsClient.create_payment_intent)
+    update_payment_method = _async_twin(PaymentsClient.update_payment_method)
+    wallet_deposit = _async_twin(PaymentsClient.wallet_deposit)
+    get_wallet_transaction = _async_twin(PaymentsClient.get_wallet_transaction)
+    get_subscription = _async_twin(PaymentsClient.get_subscription)
+    cancel_subscription = _async_twin(PaymentsClient.cancel_subscription)
+
+    @property
+    def crypto(self) -> AsyncCryptoPaymentsClient:
+        """Crypto invoices, sharing this client's transport and token."""
+        wrapped: AsyncCryptoPaymentsClient = AsyncCryptoPaymentsClient._wrap(self._sync.crypto)
+        return wrapped
+
+
+class AsyncUsageClient(_AsyncService[UsageClient]):
+    """Async ``UsageClient``: same constructor keywords, every method awaitable."""
+
+    _sync_class = UsageClient
+    USAGE_PREFIX = UsageClient.USAGE_PREFIX
+    get_features = _async_twin(UsageClient.get_features)
+    record_usage = _async_twin(UsageClient.record_usage)
+    get_history = _async_twin(UsageClient.get_history)
+
+
+class AsyncWhitelistClient(_AsyncService[WhitelistClient]):
+    """Async ``WhitelistClient``: same constructor keywords, every method awaitable."""
+
+    _sync_class = WhitelistClient
+    WHITELIST_PREFIX = WhitelistClient.WHITELIST_PREFIX
+    check = _async_twin(WhitelistClient.check)
+    list = _async_twin(WhitelistClient.list)
+    add = _async_twin(WhitelistClient.add)
+    update = _async_twin(WhitelistClient.update)
+    remove = _async_twin(WhitelistClient.remove)
+
+
+class AsyncSecureMessagesClient(_AsyncService[SecureMessagesClient]):
+    """Async ``SecureMessagesClient``: same constructor keywords, every method awaitable."""
+
+    _sync_class = SecureMessagesClient
+    SECURE_MESSAGES_PREFIX = SecureMessagesClient.SECURE_MESSAGES_PREFIX
+    create_message = _async_twin(SecureMessagesClient.create_message)
+    list_messages = _async_twin(SecureMessagesClient.list_messages)
+
+
+class AsyncMetricsClient(_AsyncService[MetricsClient]):
+    """Async ``MetricsClient``: same constructor keywords, every method awaitable."""
+
+    _sync_class = MetricsClient
+    get_prometheus_metrics = _async_twin(MetricsClient.get_prometheus_metrics)
+    get_metrics_json = _async_twin(MetricsClient.get_metrics_json)
+    health = _async_twin(MetricsClient.health)
+    readiness = _async_twin(MetricsClient.readiness)
+
+
+# =============================================================================
+# Webhooks
+# =============================================================================
+
+
+def verify_crypto_webhook_signature(
+    *,
+    body: Union[bytes, bytearray, str],
+    signature: str,
+    secret: str,
+    tolerance_seconds: int = 300,
+) -> bool:
+    """Check a crypto webhook's ``t=<unix>,v1=<hex hmac>`` signature header.
+
+    ``body`` must be the raw request body. Several ``v1`` values may be given
+    (during a secret rotation); one match suffices. The timestamp must lie
+    within ``tolerance_seconds`` of now, in the past or the future, so a
+    captured webhook cannot be replayed later. Returns ``True``; every failure
+    raises ``WebhookVerificationError`` (a ``ValueError``).
+    """
+    import hashlib
+    import hmac
+
+    if not signature:
+        raise WebhookVerificationError("missing webhook signature", "MISSING_SIGNATURE")
+    if tolerance_seconds <= 0:
+        raise ValueError("tolerance_seconds must be positive; replay protection cannot be off")
+    timestamp = None
+    candidates: List[str] = []
+    for part in signature.split(","):
+        key, _, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if key == "t" and value:
+            timestamp = value
+        elif key == "v1" and value:
+            candidates.append(value)
+    if timestamp is None or not candidates:
+        raise WebhookVerificationError("invalid signature header format", "INVALID_FORMAT")
+    if isinstance(body, str):
+        raw = body.encode("utf-8")
+    elif isinstance(body, (bytes, bytearray)):
+        raw = bytes(body)
+    else:
+        raise ValueError("body must be the raw request body (bytes or str), not parsed JSON")
+    expected = hmac.new(secret.encode("utf-8"), timestamp.encode() + b"." + raw,
+                        hashlib.sha256).digest()
+    matched = False
+    for candidate in candidates:
+        try:
+            given = bytes.fromhex(candidate)
+        except ValueError:
+            continue
+        matched |= hmac.compare_digest(given, expected)
+    if not matched:
+        raise WebhookVerificationError("webhook signature does not match", "INVALID_SIGNATURE")
+    try:
+        sent_at = int(timestamp)
+    except ValueError:
+        raise WebhookVerificationError("signature timestamp is not an integer",
+                                       "INVALID_FORMAT") from None
+    if abs(time.time() - sent_at) > tolerance_seconds:
+        raise WebhookVerificationError("signature timestamp outside the tolerance window",
+                                       "TIMESTAMP_OUT_OF_TOLERANCE")
+    return True
+
+
+def verify_spaps_webhook(
+    body: Union[bytes, str],
+    signature: str,
+    secret: str,
+    *,
+    max_age_seconds: int = 300,
+    timestamp: Optional[int] = None,
+) -> SpapsWebhookPayload:
+    """Verify a SPAPS webhook (header ``X-SPAPS-Signature``) and return its payload.
+
+    The header must be exactly ``t=<digits>,v1=<64 lowercase hex>``. Events
+    older than ``max_age_seconds``, or dated more than that into the future
+    (clock skew), are rejected before the HMAC is checked. ``timestamp``
+    replaces "now" in tests. Failures raise ``WebhookVerificationError`` with
+    ``code`` one of ``INVALID_FORMAT``, ``TIMESTAMP_FUTURE``,
+    ``SIGNATURE_EXPIRED``, ``INVALID_SIGNATURE``, ``INVALID_JSON``,
+    ``INVALID_PAYLOAD``.
+    """
+    import hashlib
+    import hmac
+    import re
+
+    match = re.fullmatch(r"t=(\d+),v1=([0-9a-f]{64})", signature or "")
+    if match is None:
+        raise WebhookVerificationError("invalid X-SPAPS-Signature format", "INVALID_FORMAT")
+    sent_at, given = int(match.group(1)), match.group(2)
+    now = int(time.time()) if timestamp is None else timestamp
+    if sent_at - now > max_age_seconds:
+        raise WebhookVerificationError("webhook timestamp is in the future", "TIMESTAMP_FUTURE")
+    if now - sent_at > max_age_seconds:
+        raise WebhookVerificationError("webhook signature expired", "SIGNATURE_EXPIRED")
+    text = body.decode("utf-8") if isinstance(body, bytes) else body
+    expected = hmac.new(secret.encode("utf-8"), f"{match.group(1)}.{text}".encode(),
+                        hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(given, expected):
+        raise WebhookVerificationError("webhook signature does not match", "INVALID_SIGNATURE")
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        raise WebhookVerificationError("webhook body is not JSON", "INVALID_JSON") from None
+    try:
+        return SpapsWebhookPayload.model_validate(payload)
+    except ValueError as exc:
+        raise WebhookVerificationError(f"webhook payload invalid: {exc}",
+                                       "INVALID_PAYLOAD") from None
+
+
+def generate_test_signature(
+    payload: Mapping[str, Any], secret: str, timestamp: Optional[int] = None
+) -> str:
+    """Sign ``json.dumps(payload)`` as SPAPS would; returns the header value (for tests)."""
+    import hashlib
+    import hmac
+
+    sent_at = int(time.time()) if timestamp is None else timestamp
+    digest = hmac.new(secret.encode("utf-8"), f"{sent_at}.{json.dumps(payload)}".encode(),
+                      hashlib.sha256).hexdigest()
+    return f"t={sent_at},v1={digest}"
+
+
+# =============================================================================
+# Aggregate clients
+# =============================================================================
+
+
+class SpapsClient:
+    """The whole SPAPS API behind one object, sharing connections and tokens.
+
+    ``auth`` signs in and stores tokens in ``token_storage`` (in memory unless
+    given); ``sessions``, ``payments``, ``usage``, ``whitelist``,
+    ``secure_messages`` and ``metrics`` use them. Access tokens are refreshed
+    automatically shortly before they expire and once after a 401
+    (``auto_refresh=False`` turns this off). Use it as a context manager or
+    call ``close()``.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: Optional[str] = None,
+        api_key: Optional[str] = None,
+        request_timeout: Optional[float] = None,
+        token_storage: Optional[TokenStorage] = None,
+        http_client: Optional[RetryClient] = None,
+        retry_config: Optional[Union[RetryConfig, Mapping[str, Any]]] = None,
+        logging_hooks: Optional[Union[LoggingHooks, Mapping[str, Any]]] = None,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        allow_insecure_http: bool = False,
+        auto_refresh: bool = True,
+    ) -> None:
+        self.settings = Settings(base_url=base_url, api_key=api_key,
+                                 request_timeout=request_timeout)
+        self._token_storage = token_storage if token_storage is not None else (
+            InMemoryTokenStorage()
+        )
+        if http_client is None:
+            http = create_http_client(
+                settings=self.settings, retry_config=retry_config, logging_hooks=logging_hooks,
+                ssl_context=ssl_context, allow_insecure_http=allow_insecure_http,
+            )
+        else:
+            if retry_config is not None or logging_hooks is not None:
+                raise ValueError("retry_config and logging_hooks belong to the http_client "
+                                 "you pass; configure them there")
+            http = http_client
+        self._owns_http = http_client is None
+        self._http = http
+        tokens = _StoredTokenSource(self._token_storage)
+        self._ctx = _Context(http, http.base_url or self.settings.base_url,
+                             self.settings.api_key, tokens)
+        self._auth = AuthClient._attached(self._ctx)
+        if auto_refresh:
+            tokens.refresh = self._refresh
+        self._services: Dict[type, Any] = {}
+
+    def _refresh(self, refresh_token: str) -> StoredTokens:
+        self._auth.refresh_tokens(refresh_token=refresh_token)
+        stored = self._token_storage.load()
+        if stored is None:
+            raise AuthError("token storage lost the refreshed tokens", status_code=500)
+        return stored
+
+    def __repr__(self) -> str:
+        return f"SpapsClient(base_url={self._ctx.base_url!r})"
+
+    def __enter__(self) -> SpapsClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close pooled connections (only of an HTTP client this object created)."""
+        if self._owns_http:
+            self._http.close()
+
+    @property
+    def token_storage(self) -> TokenStorage:
+        """Where tokens are kept."""
+        return self._token_storage
+
+    @property
+    def http_client(self) -> RetryClient:
+        """The shared HTTP client."""
+        return self._http
+
+    @property
+    def auth(self) -> AuthClient:
+        """Sign-in, registration, tokens (usable without tokens)."""
+        return self._auth
+
+    @property
+    def sessions(self) -> SessionsClient:
+        """Sessions; raises ``ValueError`` until tokens are stored."""
+        self._require_tokens()
+        return self._service(SessionsClient)
+
+    @property
+    def payments(self) -> PaymentsClient:
+        """Payments and ``payments.crypto``; raises ``ValueError`` until tokens are stored."""
+        self._require_tokens()
+        return self._service(PaymentsClient)
+
+    @property
+    def usage(self) -> UsageClient:
+        """Usage metering; raises ``ValueError`` until tokens are stored."""
+        self._require_tokens()
+        return self._service(UsageClient)
+
+    @property
+    def secure_messages(self) -> SecureMessagesClient:
+        """Secure messages; raises ``ValueError`` until tokens are stored."""
+        self._require_tokens()
+        return self._service(SecureMessagesClient)
+
+    @property
+    def whitelist(self) -> WhitelistClient:
+        """The whitelist (``check`` works without tokens; the rest needs them)."""
+        return self._service(WhitelistClient)
+
+    @property
+    def metrics(self) -> MetricsClient:
+        """Health and metrics (no credentials sent)."""
+        return self._service(MetricsClient)
+
+    def get_tokens(self) -> Optional[StoredTokens]:
+        """The stored tokens, or ``None``."""
+        return self._token_storage.load()
+
+    def set_tokens(
+        self,
+        *,
+        access_token: str,
+        refresh_token: Optional[str] = None,
+        token_type: str = "Bearer",  # noqa: S107 - a token type, not a secret
+        expires_in: Optional[int] = None,
+        expires_at: Optional[datetime] = None,
+    ) -> None:
+        """Store tokens obtained elsewhere; ``expires_at`` wins over ``expires_in``."""
+        tokens = _tokens_from(access_token, refresh_token, expires_in, token_type)
+        if expires_at is not None:
+            tokens.expires_at = expires_at
+        self._token_storage.save(tokens)
+
+    def clear_tokens(self) -> None:
+        """Forget the stored tokens."""
+        self._token_storage.clear()
+
+    def _require_tokens(self) -> None:
+        tokens = self._token_storage.load()
+        if tokens is None or not tokens.access_token:
+            raise ValueError(
+                "No access token found: authenticate with client.auth (for example "
+                "sign_in_with_password) or call set_tokens() first"
+            )
+
+    def _service(self, kind: Type[_S]) -> _S:
+        service = self._services.get(kind)
+        if service is None:
+            service = self._services.setdefault(kind, kind._attached(self._ctx))
+        return service  # type: ignore[no-any-return]
+
+
+class AsyncSpapsClient:
+    """The async ``SpapsClient``: the same keywords and properties, awaitable calls.
+
+    Calls run in a pool of worker threads (``ASYNC_WORKERS``) over the same
+    keep-alive connections; use ``async with`` or ``await aclose()``.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._sync = SpapsClient(**kwargs)
+        self._wrapped: Dict[str, Any] = {}
+
+    @property
+    def settings(self) -> Settings:
+        """Resolved settings."""
+        return self._sync.settings
+
+    @property
+    def token_storage(self) -> TokenStorage:
+        """Where tokens are kept."""
+        return self._sync.token_storage
+
+    def __repr__(self) -> str:
+        return f"AsyncSpapsClient(base_url={self._sync._ctx.base_url!r})"
+
+    async def __aenter__(self) -> AsyncSpapsClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close pooled connections (only of an HTTP client this object created)."""
+        self._sync.close()
+
+    @property
+    def auth(self) -> AsyncAuthClient:
+        """Sign-in, registration, tokens (usable without tokens)."""
+        return self._wrap("auth", AsyncAuthClient)
+
+    @property
+    def sessions(self) -> AsyncSessionsClient:
+        """Sessions; raises ``ValueError`` until tokens are stored."""
+        return self._wrap("sessions", AsyncSessionsClient)
+
+    @property
+    def payments(self) -> AsyncPaymentsClient:
+        """Payments and ``payments.crypto``; raises ``ValueError`` until tokens are stored."""
+        return self._wrap("payments", AsyncPaymentsClient)
+
+    @property
+    def usage(self) -> AsyncUsageClient:
+        """Usage metering; raises ``ValueError`` until tokens are stored."""
+        return self._wrap("usage", AsyncUsageClient)
+
+    @property
+    def secure_messages(self) -> AsyncSecureMessagesClient:
+        """Secure messages; raises ``ValueError`` until tokens are stored."""
+        return self._wrap("secure_messages", AsyncSecureMessagesClient)
+
+    @property
+    def whitelist(self) -> AsyncWhitelistClient:
+        """The whitelist (``check`` works without tokens; the rest needs them)."""
+        return self._wrap("whitelist", AsyncWhitelistClient)
+
+    @property
+    def metrics(self) -> AsyncMetricsClient:
+        """Health and metrics (no credentials sent)."""
+        return self._wrap("metrics", AsyncMetricsClient)
+
+    def get_tokens(self) -> Optional[StoredTokens]:
+        """The stored tokens, or ``None``."""
+        return self._sync.get_tokens()
+
+    def set_tokens(self, **kwargs: Any) -> None:
+        """Store tokens obtained elsewhere (keywords as ``SpapsClient.set_tokens``)."""
+        self._sync.set_tokens(**kwargs)
+
+    def clear_tokens(self) -> None:
+        """Forget the stored tokens."""
+        self._sync.clear_tokens()
+
+    def _wrap(self, name: str, kind: Type[_T]) -> _T:
+        sync = getattr(self._sync, name)  # performs the same token check as the sync client
+        wrapped = self._wrapped.get(name)
+        if wrapped is None:
+            wrapped = self._wrapped.setdefault(name, kind._wrap(sync))  # type: ignore[attr-defined]
+        return wrapped  # type: ignore[return-value]
+
+
+# =============================================================================
+# Command line: python -m spaps_client
+# =============================================================================
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_SIGNED_IN = 0, 1, 2, 3, 4
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the operator command line; returns the process exit code.
+
+    Exit codes: 0 success (healthy, ready); 1 SPAPS answered with an error or
+    is not healthy/ready; 2 bad usage; 3 SPAPS unreachable (network, TLS,
+    timeout); 4 not signed in (no stored tokens, or they were rejected).
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m spaps_client",
+        description="Check a SPAPS deployment and the stored sign-in from a shell.",
+    )
+    parser.add_argument("--base-url", help="SPAPS URL (default: $SPAPS_API_URL)")
+    parser.add_argument("--api-key", help="API key (default: $SPAPS_API_KEY)")
+    parser.add_argument("--timeout", type=float, help="seconds per call")
+    parser.add_argument("--token-file", help="FileTokenStorage path (default: "
+                        f"$SPAPS_TOKEN_FILE or {FileTokenStorage.DEFAULT_PATH})")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("command", choices=["health", "ready", "version", "whoami", "sessions"])
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_OK if exc.code == 0 else EXIT_USAGE
+    if args.command == "version":
+        _print_result(args.json, {"version": __version__}, f"spaps_client {__version__}")
+        return EXIT_OK
+    storage = FileTokenStorage(path=args.token_file or os.environ.get("SPAPS_TOKEN_FILE"))
+    try:
+        client = SpapsClient(base_url=args.base_url, api_key=args.api_key,
+                             request_timeout=args.timeout, token_storage=storage)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with client:
+            return _run_command(client, args.command, args.json)
+    except SpapsTransportError as exc:
+        print(f"error: SPAPS unreachable: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except SpapsConfigurationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SpapsError as exc:
+        print(f"error: {exc} (HTTP {exc.status_code}, code {exc.error_code}, "
+              f"request id {exc.request_id})", file=sys.stderr)
+        return EXIT_NOT_SIGNED_IN if exc.status_code == 401 else EXIT_FAILED
+
+
+def _run_command(client: SpapsClient, command: str, as_json: bool) -> int:
+    if command in ("health", "ready"):
+        document = client.metrics.health() if command == "health" else client.metrics.readiness()
+        good = (document.get("status") in ("healthy", "ok") if command == "health"
+                else document.get("ready") is True)
+        _print_result(as_json, document, f"{command}: " + ("ok" if good else "NOT OK")
+                      + f" {json.dumps(document, sort_keys=True)}")
+        return EXIT_OK if good else EXIT_FAILED
+    if client.get_tokens() is None:
+        print(f"error: not signed in: no tokens in {client.token_storage!r}", file=sys.stderr)
+        return EXIT_NOT_SIGNED_IN
+    if command == "whoami":
+        user = client.auth.get_current_user()
+        _print_result(as_json, user.model_dump(),
+                      f"{user.email or user.username or '-'} (id {user.id}, tier {user.tier})")
+        return EXIT_OK
+    listing = client.sessions.list_sessions()
+    lines = [f"{s.session_id}{' (current)' if s.is_current else ''} created {s.created_at:%c}"
+             for s in listing.sessions]
+    _print_result(as_json, listing.model_dump(), "\n".join([*lines, f"{listing.total} sessions"]))
+    return EXIT_OK
+
+
+def _print_result(as_json: bool, document: Any, text: str) -> None:
+    print(json.dumps(document, default=str, indent=2) if as_json else text)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
