@@ -454,7 +454,7 @@ class _Result:
 
     __slots__ = ("body", "headers", "public", "status")
 
-    def __init__(self, status: int, headers: Dict[str, str], body: bytes,
+    def __init__(self, status: int, headers: Dict[str, str], body: Optional[bytes],
                  public: HttpResponse) -> None:
         self.status = status
         self.headers = headers
@@ -885,24 +885,25 @@ class RetryClient:
 
         started = time.monotonic()
         conn, _reused = self._pool.acquire(origin, timeout)
+        response: Optional[http.client.HTTPResponse] = None
         try:
             if getattr(conn, "spaps_via_proxy", False):
                 target = f"http://{origin.host}:{origin.port}{target}"
             conn.request(method, target, body=body, headers=headers)
             response = conn.getresponse()
-            data = response.read(_MAX_BODY + 1)
-            if len(data) > _MAX_BODY:
-                raise SpapsTransportError(
-                    f"response body larger than {_MAX_BODY} bytes", retryable=False
-                )
+            data = _read_body(response)
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            raise _transport_error(exc, public, sent=True) from None
+            error = _transport_error(exc, public, sent=True)
+            if response is not None:  # the status line arrived: say what it was
+                error.status_code = response.status
+                error.request_id = response.getheader("x-request-id")
+            raise error from None
         except BaseException:
             conn.close()
             raise
         resp_headers = {name.lower(): value for name, value in response.getheaders()}
-        if response.will_close:
+        if data is None or response.will_close:
             conn.close()
         else:
             self._pool.release(origin, conn)
@@ -911,6 +912,22 @@ class RetryClient:
             time.monotonic() - started,
         )
         return _Result(response.status, resp_headers, data, public_response)
+
+
+def _read_body(response: http.client.HTTPResponse) -> Optional[bytes]:
+    """The whole body, or ``None`` when it exceeds ``_MAX_BODY`` (the rest is left unread)."""
+    if response.length is not None:
+        return response.read() if response.length <= _MAX_BODY else None
+    chunks: List[bytes] = []
+    size = 0
+    while True:
+        chunk = response.read(65536)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > _MAX_BODY:
+            return None
+        chunks.append(chunk)
 
 
 class RetryAsyncClient(RetryClient):
@@ -1036,6 +1053,19 @@ class _Model:
                 continue
             out[f.metadata.get("alias", f.name) if by_alias else f.name] = value
         return out
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)  # type: ignore[arg-type]
+            if f.repr
+        )
+        return f"{type(self).__name__}({shown})"
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, f.name) == getattr(other, f.name)
+                   for f in fields(self))  # type: ignore[arg-type]
 
     @classmethod
     def _prepare(cls, obj: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -1221,7 +1251,7 @@ _ID_ALIAS = {"alias": "id"}
 # --- Auth models ---
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class TokenUser(_Model):
     """The user a token pair was issued to."""
 
@@ -1236,7 +1266,7 @@ class TokenUser(_Model):
     email_confirmed: Optional[bool] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class TokenPair(_Model):
     """Access and refresh tokens from a sign-in or refresh; tokens hidden from ``repr``."""
 
@@ -1247,7 +1277,7 @@ class TokenPair(_Model):
     token_type: str = "Bearer"  # noqa: S105 - a token type, not a secret
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class NonceResponse(_Model):
     """A wallet sign-in challenge: sign ``message`` with the wallet."""
 
@@ -1257,7 +1287,7 @@ class NonceResponse(_Model):
     expires_at: datetime
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class RegistrationTokens(_Model):
     """Tokens issued on registration or magic-link sign-in; hidden from ``repr``."""
 
@@ -1266,7 +1296,7 @@ class RegistrationTokens(_Model):
     expires_in: int
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class RegistrationUser(_Model):
     """The user created by ``register`` or signed in by magic link."""
 
@@ -1279,7 +1309,7 @@ class RegistrationUser(_Model):
     wallets: Optional[List[str]] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class RegistrationResponse(_Model):
     """Result of ``register``: the user and, when the server signs in at once, tokens."""
 
@@ -1288,7 +1318,7 @@ class RegistrationResponse(_Model):
     tokens: Optional[RegistrationTokens] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class MagicLinkSendResponse(_Model):
     """Confirmation that a magic link was sent."""
 
@@ -1297,7 +1327,7 @@ class MagicLinkSendResponse(_Model):
     sent_at: Optional[datetime] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class MagicLinkAuthResponse(_Model):
     """Result of ``verify_magic_link``."""
 
@@ -1306,14 +1336,14 @@ class MagicLinkAuthResponse(_Model):
     tokens: Optional[RegistrationTokens] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class MessageResponse(_Model):
     """A plain confirmation message."""
 
     message: str
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class UserWallet(_Model):
     """A wallet linked to a user."""
 
@@ -1322,7 +1352,7 @@ class UserWallet(_Model):
     verified: Optional[bool] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class UserProfile(_Model):
     """The signed-in user (``auth.get_current_user``)."""
 
@@ -1335,7 +1365,7 @@ class UserProfile(_Model):
     metadata: Optional[Dict[str, Any]] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class PasswordResetRequestResponse(_Model):
     """Confirmation that a password-reset email was requested."""
 
@@ -1347,7 +1377,7 @@ class PasswordResetRequestResponse(_Model):
 # --- Session models ---
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class SessionSummary(_Model):
     """The session behind the current access token."""
 
@@ -1363,7 +1393,7 @@ class SessionSummary(_Model):
     idle_minutes: Optional[float] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class SessionValidationResult(_Model):
     """Whether the current session is valid."""
 
@@ -1373,7 +1403,7 @@ class SessionValidationResult(_Model):
     renewed: Optional[bool] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class SessionRecord(_Model):
     """One of the user's sessions, as listed by ``list_sessions``."""
 
@@ -1389,7 +1419,7 @@ class SessionRecord(_Model):
     is_current: Optional[bool] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class SessionListResult(_Model):
     """A page of sessions; ``total`` counts all of them."""
 
@@ -1402,7 +1432,7 @@ class SessionListResult(_Model):
         return {**obj, "sessions": sessions, "total": obj.get("total", len(sessions))}
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class SessionTouchResult(_Model):
     """Result of ``touch_session``."""
 
@@ -1411,7 +1441,7 @@ class SessionTouchResult(_Model):
     last_activity: Optional[datetime] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class SessionRevokeResult(_Model):
     """Result of ``revoke_session``."""
 
@@ -1422,7 +1452,7 @@ class SessionRevokeResult(_Model):
 # --- Payment models ---
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class CheckoutSession(_Model):
     """A Stripe checkout session: send the user to ``checkout_url``."""
 
@@ -1431,7 +1461,7 @@ class CheckoutSession(_Model):
     expires_at: Optional[datetime] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class PaymentIntent(_Model):
     """A Stripe payment intent; ``client_secret`` is hidden from ``repr``."""
 
@@ -1440,7 +1470,7 @@ class PaymentIntent(_Model):
     status: Optional[str] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class WalletDeposit(_Model):
     """A recorded crypto wallet deposit."""
 
@@ -1452,7 +1482,7 @@ class WalletDeposit(_Model):
     confirmation_current: Optional[int] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class WalletTransaction(_Model):
     """A wallet deposit transaction and its confirmations."""
 
@@ -1466,7 +1496,7 @@ class WalletTransaction(_Model):
     completed_at: Optional[datetime] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class SubscriptionPlan(_Model):
     """The price a subscription is on."""
 
@@ -1474,7 +1504,7 @@ class SubscriptionPlan(_Model):
     interval: Optional[str] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class SubscriptionDetail(_Model):
     """A subscription and its plan."""
 
@@ -1485,7 +1515,7 @@ class SubscriptionDetail(_Model):
     cancel_at_period_end: Optional[bool] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class SubscriptionCancellation(_Model):
     """Result of ``cancel_subscription``."""
 
@@ -1494,7 +1524,7 @@ class SubscriptionCancellation(_Model):
     cancel_at_period_end: Optional[bool] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class BalanceAmounts(_Model):
     """Available and pending balance in one currency."""
 
@@ -1503,7 +1533,7 @@ class BalanceAmounts(_Model):
     currency: str
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class UsageSummary(_Model):
     """Credits used in the current billing period."""
 
@@ -1513,7 +1543,7 @@ class UsageSummary(_Model):
     credits_remaining: Optional[int] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class BalanceOverview(_Model):
     """The user's balance, tier and usage."""
 
@@ -1523,7 +1553,7 @@ class BalanceOverview(_Model):
     tier_expires_at: Optional[datetime] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class PaymentMethodUpdateResult(_Model):
     """Result of ``update_payment_method``."""
 
@@ -1533,7 +1563,7 @@ class PaymentMethodUpdateResult(_Model):
     is_default: bool = False
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class CryptoInvoice(_Model):
     """A crypto invoice; ``amount`` is a decimal string such as ``"42.75"``."""
 
@@ -1547,7 +1577,7 @@ class CryptoInvoice(_Model):
     metadata: Optional[Dict[str, Any]] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class CryptoInvoiceStatus(_Model):
     """The settlement status of a crypto invoice."""
 
@@ -1560,7 +1590,7 @@ class CryptoInvoiceStatus(_Model):
     overpaid: Optional[bool] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class CryptoReconcileJob(_Model):
     """A scheduled reconciliation job."""
 
@@ -1572,7 +1602,7 @@ class CryptoReconcileJob(_Model):
 # --- Usage models ---
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class UsagePeriod(_Model):
     """The billing period usage is counted in."""
 
@@ -1580,7 +1610,7 @@ class UsagePeriod(_Model):
     end: Optional[str] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class UsageFeature(_Model):
     """A metered feature and how much of it was used."""
 
@@ -1592,7 +1622,7 @@ class UsageFeature(_Model):
     reset_at: Optional[str] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class UsageFeaturesResponse(_Model):
     """The user's metered features."""
 
@@ -1603,7 +1633,7 @@ class UsageFeaturesResponse(_Model):
     overage: Optional[Dict[str, Any]] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class UsageRecordUsage(_Model):
     """Usage of a feature after recording."""
 
@@ -1612,7 +1642,7 @@ class UsageRecordUsage(_Model):
     remaining: Optional[float] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class UsageRecordResult(_Model):
     """Result of ``record_usage``."""
 
@@ -1624,7 +1654,7 @@ class UsageRecordResult(_Model):
     current_usage: UsageRecordUsage = field(default_factory=UsageRecordUsage)
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class UsageHistoryEntry(_Model):
     """Usage on one date."""
 
@@ -1633,7 +1663,7 @@ class UsageHistoryEntry(_Model):
     total_cost: Optional[float] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class UsageHistoryResponse(_Model):
     """Usage history over a period."""
 
@@ -1647,7 +1677,7 @@ class UsageHistoryResponse(_Model):
 # --- Whitelist and secure message models ---
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class WhitelistEntry(_Model):
     """An email on the whitelist."""
 
@@ -1658,7 +1688,7 @@ class WhitelistEntry(_Model):
     metadata: Optional[Dict[str, Any]] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class WhitelistCheckResult(_Model):
     """Whether an email is whitelisted; ``entry`` is ``None`` when it is not."""
 
@@ -1666,7 +1696,7 @@ class WhitelistCheckResult(_Model):
     entry: Optional[WhitelistEntry] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class WhitelistListResult(_Model):
     """A page of whitelist entries."""
 
@@ -1679,14 +1709,14 @@ class WhitelistListResult(_Model):
         return {**obj, "entries": entries, "total": obj.get("total", len(entries))}
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class WhitelistMessage(_Model):
     """A whitelist confirmation message."""
 
     message: str
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class SecureMessage(_Model):
     """A secure message between a patient and a practitioner."""
 
@@ -1699,7 +1729,7 @@ class SecureMessage(_Model):
     created_at: Optional[str] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class SpapsWebhookPayload(_Model):
     """A verified SPAPS webhook event."""
 
@@ -2231,6 +2261,8 @@ class _Service:
                                       idempotency_key=idempotency_key)
 
     def _reply(self, result: _Result) -> _Reply:
+        if result.body is None:
+            raise _Reply(self, result, {}).invalid(f"the body exceeds {_MAX_BODY} bytes")
         body: Any = None
         parse_error = None
         if result.body:
@@ -2383,10 +2415,9 @@ class AuthClient(_Service):
         if not access_token:
             raise ValueError("logout needs an access token: none was given or stored")
         reply = self._call("POST", "/api/auth/logout", token=access_token)
+        data = reply.body.get("data")
         message = reply.first_text(
-            reply.body.get("data", {}).get("message") if isinstance(
-                reply.body.get("data"), dict) else None,
-            reply.body.get("message"),
+            data.get("message") if isinstance(data, dict) else None, reply.body.get("message")
         ) or "Logged out"
         self.clear_stored_tokens()
         return MessageResponse(message=message)
@@ -2926,6 +2957,8 @@ class MetricsClient(_Service):
                             {"Accept": "text/plain"}, None)
         if result.status >= 300:
             raise self._status_error(result, None)
+        if result.body is None:
+            raise _Reply(self, result, {}).invalid(f"the body exceeds {_MAX_BODY} bytes")
         return result.body.decode("utf-8", "replace")
 
     def get_metrics_json(self) -> Dict[str, Any]:
