@@ -395,8 +395,11 @@ class MetricsError(SpapsError):
     """A metrics or health endpoint answered with an error status."""
 
 
-class WebhookVerificationError(SpapsError):
-    """A webhook's signature, timestamp or payload is not acceptable; see ``code``."""
+class WebhookVerificationError(SpapsError, ValueError):
+    """A webhook's signature, timestamp or payload is not acceptable; see ``code``.
+
+    Also a ``ValueError``, which is what the reference helper raised.
+    """
 
     def __init__(self, message: str, code: Optional[str] = None) -> None:
         super().__init__(message, error_code=code, retryable=False)
@@ -499,13 +502,10 @@ class _NotSent(Exception):
     """The request provably never reached the server (connection not established)."""
 
 
-class _LoopbackNames:
-    names = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
-
-    @classmethod
-    def is_loopback(cls, host: str) -> bool:
-        host = host.lower().rstrip(".")
-        return host in cls.names or host.endswith(".localhost") or host.startswith("127.")
+def _is_loopback(host: str) -> bool:
+    host = host.lower().rstrip(".")
+    return (host in ("localhost", "::1") or host.endswith(".localhost")
+            or host.startswith("127."))
 
 
 class _Origin:
@@ -849,7 +849,7 @@ class RetryClient:
         if not any(name.lower() in ("authorization", "x-api-key") for name in headers):
             return
         origin, _ = _Origin.parse(url)
-        if not _LoopbackNames.is_loopback(origin.host):
+        if not _is_loopback(origin.host):
             raise SpapsConfigurationError(
                 f"refusing to send credentials over plain HTTP to {origin.host}; use https:// "
                 "or pass allow_insecure_http=True if this network is trusted"
@@ -3480,8 +3480,26 @@ class AsyncSpapsClient:
     keep-alive connections; use ``async with`` or ``await aclose()``.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
-        self._sync = SpapsClient(**kwargs)
+    def __init__(
+        self,
+        *,
+        base_url: Optional[str] = None,
+        api_key: Optional[str] = None,
+        request_timeout: Optional[float] = None,
+        token_storage: Optional[TokenStorage] = None,
+        http_client: Optional[RetryClient] = None,
+        retry_config: Optional[Union[RetryConfig, Mapping[str, Any]]] = None,
+        logging_hooks: Optional[Union[LoggingHooks, Mapping[str, Any]]] = None,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        allow_insecure_http: bool = False,
+        auto_refresh: bool = True,
+    ) -> None:
+        self._sync = SpapsClient(
+            base_url=base_url, api_key=api_key, request_timeout=request_timeout,
+            token_storage=token_storage, http_client=http_client, retry_config=retry_config,
+            logging_hooks=logging_hooks, ssl_context=ssl_context,
+            allow_insecure_http=allow_insecure_http, auto_refresh=auto_refresh,
+        )
         self._wrapped: Dict[str, Any] = {}
 
     @property
@@ -3546,9 +3564,19 @@ class AsyncSpapsClient:
         """The stored tokens, or ``None``."""
         return self._sync.get_tokens()
 
-    def set_tokens(self, **kwargs: Any) -> None:
-        """Store tokens obtained elsewhere (keywords as ``SpapsClient.set_tokens``)."""
-        self._sync.set_tokens(**kwargs)
+    def set_tokens(
+        self,
+        *,
+        access_token: str,
+        refresh_token: Optional[str] = None,
+        token_type: str = "Bearer",  # noqa: S107 - a token type, not a secret
+        expires_in: Optional[int] = None,
+        expires_at: Optional[datetime] = None,
+    ) -> None:
+        """Store tokens obtained elsewhere; ``expires_at`` wins over ``expires_in``."""
+        self._sync.set_tokens(access_token=access_token, refresh_token=refresh_token,
+                              token_type=token_type, expires_in=expires_in,
+                              expires_at=expires_at)
 
     def clear_tokens(self) -> None:
         """Forget the stored tokens."""
