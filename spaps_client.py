@@ -104,6 +104,7 @@ __all__ = [
 _T = TypeVar("_T")
 _M = TypeVar("_M", bound="_Model")
 _S = TypeVar("_S", bound="_Service")
+_A = TypeVar("_A", bound="_AsyncService[Any]")
 
 _REDACTED = "[redacted]"
 _USER_AGENT = (
@@ -504,8 +505,10 @@ class _NotSent(Exception):
 
 def _is_loopback(host: str) -> bool:
     host = host.lower().rstrip(".")
-    return (host in ("localhost", "::1") or host.endswith(".localhost")
-            or host.startswith("127."))
+    if host in ("localhost", "::1") or host.endswith(".localhost"):
+        return True
+    octets = host.split(".")
+    return len(octets) == 4 and octets[0] == "127" and all(o.isdigit() for o in octets)
 
 
 class _Origin:
@@ -627,7 +630,10 @@ class _ConnectionPool:
                 conn.set_tunnel(origin.host, origin.port, headers=_proxy_auth(proxy))
         else:
             conn = http.client.HTTPConnection(host, port, timeout=timeout)
-        conn.spaps_via_proxy = proxy is not None and origin.scheme == "http"  # type: ignore[attr-defined]
+        # Plain-http requests through a proxy go in absolute form with the proxy's credentials.
+        conn.spaps_proxy_headers = (  # type: ignore[attr-defined]
+            _proxy_auth(proxy) if proxy is not None and origin.scheme == "http" else None
+        )
         try:
             conn.connect()
         except OSError as exc:
@@ -796,9 +802,12 @@ class RetryClient:
                                                          remaining, public)
             except _NotSent as exc:
                 error: SpapsError = _transport_error(exc.args[0], public, sent=False)
-                replay_safe = True
-            except SpapsError as exc:
-                error, replay_safe = exc, False
+                may_replay = error.retryable  # False only for permanent failures (certificates)
+            except SpapsTransportError as exc:  # the request may have reached the server
+                error = exc
+                may_replay = error.retryable = config.is_retryable(public, None)
+            except SpapsError as exc:  # e.g. the client was closed
+                error, may_replay = exc, False
             else:
                 elapsed = time.monotonic() - started
                 _fire(hooks.on_response, public, result.public, elapsed, attempt)
@@ -812,10 +821,13 @@ class RetryClient:
                 delay = config.get_backoff(attempt + 1) if retry_after is None else retry_after
                 if not self._may_retry(public, attempt, delay, deadline, _RetryQuota.RETRY_COST):
                     return result
-            if not error.retryable or not (replay_safe or config.is_retryable(public, None)):
-                _fire(hooks.on_error, public, error, attempt)
-                raise error
+                attempt += 1
+                continue
             _fire(hooks.on_error, public, error, attempt)
+            if not may_replay:
+                if error.retryable is False and isinstance(error, SpapsTransportError):
+                    _fire(hooks.on_give_up, public, "not safe to send again", attempt)
+                raise error
             delay = config.get_backoff(attempt + 1)
             cost = (_RetryQuota.TIMEOUT_COST if isinstance(error, SpapsTimeoutError)
                     else _RetryQuota.RETRY_COST)
@@ -887,8 +899,10 @@ class RetryClient:
         conn, _reused = self._pool.acquire(origin, timeout)
         response: Optional[http.client.HTTPResponse] = None
         try:
-            if getattr(conn, "spaps_via_proxy", False):
+            proxy_headers = getattr(conn, "spaps_proxy_headers", None)
+            if proxy_headers is not None:
                 target = f"http://{origin.host}:{origin.port}{target}"
+                headers = {**headers, **proxy_headers}
             conn.request(method, target, body=body, headers=headers)
             response = conn.getresponse()
             data = _read_body(response)
@@ -1202,14 +1216,16 @@ def _to_datetime(value: Any) -> datetime:
     if isinstance(value, datetime):
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return datetime.fromtimestamp(value, tz=timezone.utc)
+        return _from_epoch(value)
     if not isinstance(value, str):
         raise ValueError(f"expected a date-time, got {_kind(value)}")
     text = value.strip()
     try:
-        return datetime.fromtimestamp(float(text), tz=timezone.utc)
-    except (ValueError, OverflowError):
+        number = float(text)
+    except ValueError:
         pass
+    else:
+        return _from_epoch(number)
     global _ISO_PATTERN
     if _ISO_PATTERN is None:
         import re
@@ -1237,6 +1253,13 @@ def _to_datetime(value: Any) -> datetime:
         )
     except ValueError as exc:
         raise ValueError(f"invalid date-time {value!r}: {exc}") from None
+
+
+def _from_epoch(seconds: float) -> datetime:
+    try:
+        return datetime.fromtimestamp(seconds, tz=timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        raise ValueError(f"epoch timestamp out of range: {seconds!r}") from None
 
 
 _SCALARS: Dict[Any, Callable[[Any], Any]] = {
@@ -1765,6 +1788,9 @@ class StoredTokens:
         return expires_at - datetime.now(timezone.utc) < timedelta(seconds=seconds)
 
 
+_LOCK_CREATION = threading.Lock()
+
+
 class TokenStorage(ABC):
     """Where a client keeps its tokens. Implement ``save``, ``load`` and ``clear``.
 
@@ -1793,7 +1819,8 @@ class TokenStorage(ABC):
         """A context manager held while tokens are refreshed."""
         lock = self._refresh_lock
         if lock is None:
-            lock = self._refresh_lock = threading.RLock()
+            with _LOCK_CREATION:  # two threads must never get two different locks
+                lock = self.__dict__.setdefault("_refresh_lock", threading.RLock())
         return lock
 
 
@@ -1874,7 +1901,7 @@ class FileTokenStorage(TokenStorage):
             try:
                 with open(self.path, "rb") as handle:
                     raw = handle.read()
-            except FileNotFoundError:
+            except OSError:  # missing, unreadable or not a file: no usable tokens
                 return None
         try:
             document = json.loads(raw)
@@ -2013,13 +2040,16 @@ class _StoredTokenSource(_TokenSource):
         super().__init__()
         self.storage = storage
         self.refresh = refresh
+        self._last_issued: Optional[str] = None
 
     def current(self) -> Optional[str]:
         tokens = self.storage.load()
         if tokens is None:
             return None
+        # A token issued with less than the margin to live is used until it expires
+        # rather than refreshed again before every call.
         if self.refresh is not None and tokens.refresh_token and tokens.expires_within(
-            self.EXPIRY_MARGIN
+            0 if tokens.access_token == self._last_issued else self.EXPIRY_MARGIN
         ):
             try:
                 return self._refresh(tokens.access_token).access_token
@@ -2035,23 +2065,26 @@ class _StoredTokenSource(_TokenSource):
     def after_rejection(self, rejected: str) -> Optional[str]:
         if self.refresh is None:
             return None
-        return self._refresh(rejected, force=True).access_token
+        stored = self.storage.load()
+        if stored is None or (stored.access_token == rejected and not stored.refresh_token):
+            return None  # nothing to refresh with: the caller reports the original 401
+        return self._refresh(rejected).access_token
 
-    def _refresh(self, stale: str, *, force: bool = False) -> StoredTokens:
+    def _refresh(self, stale: str) -> StoredTokens:
         assert self.refresh is not None
         with self.storage.lock():
             tokens = self.storage.load()
             if tokens is None:
                 raise AuthError("no stored tokens to refresh; sign in again", status_code=401,
                                 error_code="NO_TOKENS", retryable=False)
-            if tokens.access_token != stale and (force or not tokens.expires_within(
-                self.EXPIRY_MARGIN
-            )):
+            if tokens.access_token != stale and not tokens.expires_within(0):
                 return tokens  # another thread or process refreshed while we waited
             if not tokens.refresh_token:
                 raise AuthError("the access token expired and no refresh token is stored",
                                 status_code=401, error_code="NO_REFRESH_TOKEN", retryable=False)
-            return self.refresh(tokens.refresh_token)
+            fresh = self.refresh(tokens.refresh_token)
+            self._last_issued = fresh.access_token
+            return fresh
 
 
 class _Context:
@@ -2261,29 +2294,31 @@ class _Service:
                                       idempotency_key=idempotency_key)
 
     def _reply(self, result: _Result) -> _Reply:
-        if result.body is None:
-            raise _Reply(self, result, {}).invalid(f"the body exceeds {_MAX_BODY} bytes")
-        body: Any = None
-        parse_error = None
-        if result.body:
-            try:
-                body = json.loads(result.body)
-            except ValueError as exc:  # includes invalid UTF-8
-                parse_error = exc
         if result.status >= 300:
-            raise self._status_error(result, body if isinstance(body, dict) else None)
+            raise self._status_error(result)
         reply = _Reply(self, result, {})
+        if result.body is None:
+            raise reply.invalid(f"the body exceeds {_MAX_BODY} bytes")
+        if not result.body:
+            raise reply.invalid("the body is empty")
+        try:
+            body = json.loads(result.body)
+        except ValueError:  # includes invalid UTF-8
+            raise reply.invalid(f"the body is not JSON ({_content_type(result)})") from None
         if not isinstance(body, dict):
-            problem = (
-                "the body is empty" if not result.body
-                else f"the body is not JSON ({_content_type(result)})" if parse_error
-                else f"the body is JSON {_kind(body)}, expected an object"
-            )
-            raise reply.invalid(problem)
+            raise reply.invalid(f"the body is JSON {_kind(body)}, expected an object")
         reply.body = body
         return reply
 
-    def _status_error(self, result: _Result, body: Optional[Dict[str, Any]]) -> SpapsError:
+    def _status_error(self, result: _Result) -> SpapsError:
+        """The service's error for a status >= 300, from whatever the body offers."""
+        document: Any = None
+        if result.body:
+            try:
+                document = json.loads(result.body)
+            except ValueError:
+                document = ValueError
+        body = document if isinstance(document, dict) else None
         info = body.get("error") if body else None
         code = None
         message = None
@@ -2295,9 +2330,8 @@ class _Service:
         if not message and body and isinstance(body.get("message"), str):
             message = body["message"]
         if not message:
-            detail = "" if body is not None or not result.body else (
-                f"; the body was not JSON ({_content_type(result)})"
-            )
+            detail = (f"; the body was not JSON ({_content_type(result)})"
+                      if document is ValueError else "")
             message = f"{self._label} request failed with HTTP {result.status}{detail}"
         retry_after = _parse_retry_after(result.headers.get("retry-after"))
         return self._error(
@@ -2328,6 +2362,7 @@ class AuthClient(_Service):
 
     def __init__(
         self,
+        /,
         *,
         base_url: str,
         api_key: str,
@@ -2634,7 +2669,9 @@ def _decimal_text(amount: Union[str, int, float]) -> str:
     if isinstance(amount, bool) or not isinstance(amount, (str, int, float)):
         raise TypeError(f"amount must be a decimal string or number, got {type(amount).__name__}")
     if isinstance(amount, float):
-        return repr(amount)
+        from decimal import Decimal
+
+        return format(Decimal(repr(amount)), "f")  # never exponent notation such as 1e-07
     return str(amount)
 
 
@@ -2942,6 +2979,7 @@ class MetricsClient(_Service):
 
     def __init__(
         self,
+        /,
         *,
         base_url: str,
         client: Optional[RetryClient] = None,
@@ -2956,7 +2994,7 @@ class MetricsClient(_Service):
         result = self._send("GET", self.base_url + "/api/metrics", _NONE, None, None,
                             {"Accept": "text/plain"}, None)
         if result.status >= 300:
-            raise self._status_error(result, None)
+            raise self._status_error(result)
         if result.body is None:
             raise _Reply(self, result, {}).invalid(f"the body exceeds {_MAX_BODY} bytes")
         return result.body.decode("utf-8", "replace")
@@ -3017,6 +3055,18 @@ def _async_twin(
     return twin
 
 
+def _keywords_of(
+    source: Callable[Concatenate[Any, _P], _T],
+) -> Callable[[Callable[..., _T]], Callable[Concatenate[Any, _P], _T]]:
+    """Give a ``**options`` forwarder the exact signature of the method it forwards to."""
+
+    def apply(forwarder: Callable[..., _T]) -> Callable[Concatenate[Any, _P], _T]:
+        forwarder.__doc__ = forwarder.__doc__ or source.__doc__
+        return forwarder
+
+    return apply
+
+
 class _AsyncService(Generic[_S]):
     """Base of the async service clients: wraps the sync client of the same service.
 
@@ -3030,7 +3080,7 @@ class _AsyncService(Generic[_S]):
         self._sync = self._sync_class(**kwargs)  # type: ignore[assignment]
 
     @classmethod
-    def _wrap(cls, sync: _S) -> Any:
+    def _wrap(cls: Type[_A], sync: Any) -> _A:
         service = cls.__new__(cls)
         service._sync = sync
         return service
@@ -3139,8 +3189,7 @@ class AsyncPaymentsClient(_AsyncService[PaymentsClient]):
     @property
     def crypto(self) -> AsyncCryptoPaymentsClient:
         """Crypto invoices, sharing this client's transport and token."""
-        wrapped: AsyncCryptoPaymentsClient = AsyncCryptoPaymentsClient._wrap(self._sync.crypto)
-        return wrapped
+        return AsyncCryptoPaymentsClient._wrap(self._sync.crypto)
 
 
 class AsyncUsageClient(_AsyncService[UsageClient]):
@@ -3281,14 +3330,14 @@ def verify_spaps_webhook(
         raise WebhookVerificationError("webhook timestamp is in the future", "TIMESTAMP_FUTURE")
     if now - sent_at > max_age_seconds:
         raise WebhookVerificationError("webhook signature expired", "SIGNATURE_EXPIRED")
-    text = body.decode("utf-8") if isinstance(body, bytes) else body
-    expected = hmac.new(secret.encode("utf-8"), f"{match.group(1)}.{text}".encode(),
+    raw = body.encode("utf-8") if isinstance(body, str) else bytes(body)
+    expected = hmac.new(secret.encode("utf-8"), match.group(1).encode() + b"." + raw,
                         hashlib.sha256).hexdigest()
     if not hmac.compare_digest(given, expected):
         raise WebhookVerificationError("webhook signature does not match", "INVALID_SIGNATURE")
     try:
-        payload = json.loads(text)
-    except ValueError:
+        payload = json.loads(raw)
+    except ValueError:  # also invalid UTF-8
         raise WebhookVerificationError("webhook body is not JSON", "INVALID_JSON") from None
     try:
         return SpapsWebhookPayload.model_validate(payload)
@@ -3351,9 +3400,11 @@ class SpapsClient:
                 ssl_context=ssl_context, allow_insecure_http=allow_insecure_http,
             )
         else:
-            if retry_config is not None or logging_hooks is not None:
-                raise ValueError("retry_config and logging_hooks belong to the http_client "
-                                 "you pass; configure them there")
+            if (retry_config is not None or logging_hooks is not None
+                    or ssl_context is not None or allow_insecure_http):
+                raise ValueError("retry_config, logging_hooks, ssl_context and "
+                                 "allow_insecure_http belong to the http_client you pass; "
+                                 "configure them there")
             http = http_client
         self._owns_http = http_client is None
         self._http = http
@@ -3480,26 +3531,9 @@ class AsyncSpapsClient:
     keep-alive connections; use ``async with`` or ``await aclose()``.
     """
 
-    def __init__(
-        self,
-        *,
-        base_url: Optional[str] = None,
-        api_key: Optional[str] = None,
-        request_timeout: Optional[float] = None,
-        token_storage: Optional[TokenStorage] = None,
-        http_client: Optional[RetryClient] = None,
-        retry_config: Optional[Union[RetryConfig, Mapping[str, Any]]] = None,
-        logging_hooks: Optional[Union[LoggingHooks, Mapping[str, Any]]] = None,
-        ssl_context: Optional[ssl.SSLContext] = None,
-        allow_insecure_http: bool = False,
-        auto_refresh: bool = True,
-    ) -> None:
-        self._sync = SpapsClient(
-            base_url=base_url, api_key=api_key, request_timeout=request_timeout,
-            token_storage=token_storage, http_client=http_client, retry_config=retry_config,
-            logging_hooks=logging_hooks, ssl_context=ssl_context,
-            allow_insecure_http=allow_insecure_http, auto_refresh=auto_refresh,
-        )
+    @_keywords_of(SpapsClient.__init__)
+    def __init__(self, **options: Any) -> None:
+        self._sync = SpapsClient(**options)
         self._wrapped: Dict[str, Any] = {}
 
     @property
@@ -3564,30 +3598,22 @@ class AsyncSpapsClient:
         """The stored tokens, or ``None``."""
         return self._sync.get_tokens()
 
-    def set_tokens(
-        self,
-        *,
-        access_token: str,
-        refresh_token: Optional[str] = None,
-        token_type: str = "Bearer",  # noqa: S107 - a token type, not a secret
-        expires_in: Optional[int] = None,
-        expires_at: Optional[datetime] = None,
-    ) -> None:
+    @_keywords_of(SpapsClient.set_tokens)
+    def set_tokens(self, **tokens: Any) -> None:
         """Store tokens obtained elsewhere; ``expires_at`` wins over ``expires_in``."""
-        self._sync.set_tokens(access_token=access_token, refresh_token=refresh_token,
-                              token_type=token_type, expires_in=expires_in,
-                              expires_at=expires_at)
+        self._sync.set_tokens(**tokens)
 
     def clear_tokens(self) -> None:
         """Forget the stored tokens."""
         self._sync.clear_tokens()
 
-    def _wrap(self, name: str, kind: Type[_T]) -> _T:
+    def _wrap(self, name: str, kind: Type[_A]) -> _A:
         sync = getattr(self._sync, name)  # performs the same token check as the sync client
         wrapped = self._wrapped.get(name)
         if wrapped is None:
-            wrapped = self._wrapped.setdefault(name, kind._wrap(sync))  # type: ignore[attr-defined]
-        return wrapped  # type: ignore[return-value]
+            wrapped = self._wrapped.setdefault(name, kind._wrap(sync))
+        assert isinstance(wrapped, kind)
+        return wrapped
 
 
 # =============================================================================
