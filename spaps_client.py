@@ -357,8 +357,9 @@ class SpapsTimeoutError(SpapsTransportError):
     """The call did not complete within its time budget."""
 
 
-class SpapsConfigurationError(SpapsError):
-    """The client is configured in a way that would be unsafe or cannot work."""
+class SpapsConfigurationError(SpapsError, ValueError):
+    """The client is configured in a way that would be unsafe or cannot work (a bad base URL,
+    credentials over plain HTTP to a remote host, a closed client). Also a ``ValueError``."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, retryable=False)
@@ -744,6 +745,8 @@ class RetryClient:
         if not timeout or timeout <= 0:
             raise ValueError("timeout must be a positive number of seconds")
         self.base_url = base_url.rstrip("/")
+        if self.base_url:
+            _Origin.parse(self.base_url)  # a bad URL fails here, not on the first call
         self.timeout = float(timeout)
         self.retry_config = _coerce_config(retry_config, RetryConfig) or RetryConfig()
         self.logging_hooks = _coerce_config(logging_hooks, LoggingHooks) or LoggingHooks()
@@ -2303,7 +2306,7 @@ class _Service:
             raise reply.invalid("the body is empty")
         try:
             body = json.loads(result.body)
-        except ValueError:  # includes invalid UTF-8
+        except (ValueError, RecursionError):  # invalid UTF-8 too; absurd nesting too
             raise reply.invalid(f"the body is not JSON ({_content_type(result)})") from None
         if not isinstance(body, dict):
             raise reply.invalid(f"the body is JSON {_kind(body)}, expected an object")
@@ -2316,7 +2319,7 @@ class _Service:
         if result.body:
             try:
                 document = json.loads(result.body)
-            except ValueError:
+            except (ValueError, RecursionError):
                 document = ValueError
         body = document if isinstance(document, dict) else None
         info = body.get("error") if body else None

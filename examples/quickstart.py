@@ -20,10 +20,10 @@ from typing import Iterator
 # Run from a checkout without installing anything: the client is one file next door.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from spaps_client import AsyncSpapsClient, SpapsClient  # noqa: E402
+from spaps_client import AsyncSpapsClient, SpapsClient
 
 DEMO_EMAIL = "demo@example.com"
-DEMO_PASSWORD = "demo-password"  # noqa: S105 - the emulator's seeded demo account
+DEMO_PASSWORD = "demo-password"
 
 
 def sync_quickstart(email: str, password: str, *, write: bool) -> None:
