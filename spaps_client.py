@@ -8,9 +8,10 @@ health checks, with a sync surface (``SpapsClient``) and an async one
 it can be vendored as one file, installed with ``pip install spaps`` or
 shipped in an AWS Lambda layer.
 
-Version: see ``__version__`` below.   Licence: MIT (see the LICENSE file of
-the ``spaps`` distribution).   Documentation: the ``docs/`` directory of the
-``spaps`` source distribution (docs/api.md is the reference).
+Version: 0.5.0.   Licence: MIT (the notice is in the LICENSE file of the
+``spaps`` distribution; keep it next to a vendored copy).   Documentation:
+https://pypi.org/project/spaps/ and the ``docs/`` directory of the ``spaps``
+source distribution (docs/api.md is the reference).
 
 Quick start::
 
