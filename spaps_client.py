@@ -52,7 +52,7 @@ from typing import (
 )
 
 if TYPE_CHECKING:  # imported lazily at run time: they cost import time
-    import http.client
+    import socket
     import ssl
     from concurrent.futures import ThreadPoolExecutor
     from contextlib import AbstractContextManager
@@ -415,41 +415,79 @@ class WebhookVerificationError(SpapsError, ValueError):
 
 
 class HttpRequest:
-    """A request as hooks and errors see it: credentials redacted, body omitted."""
+    """A request as hooks and errors see it: credentials redacted, body omitted.
 
-    __slots__ = ("headers", "idempotency_key", "method", "url")
+    Attributes: ``method``, ``url`` (personal data in the query redacted),
+    ``headers`` (credentials redacted), ``idempotency_key``.
+    """
+
+    __slots__ = ("_headers", "_raw_headers", "_raw_url", "_url", "idempotency_key", "method")
 
     def __init__(
-        self, method: str, url: str, headers: Dict[str, str],
+        self, method: str, url: str, headers: Mapping[str, str],
         idempotency_key: Optional[str] = None,
     ) -> None:
         self.method = method
-        self.url = url
-        self.headers = headers
         self.idempotency_key = idempotency_key
+        # Redaction happens when someone looks, so calls without hooks or errors skip it.
+        self._raw_url = url
+        self._raw_headers = headers
+        self._url: Optional[str] = None
+        self._headers: Optional[Dict[str, str]] = None
+
+    @property
+    def url(self) -> str:
+        """The URL, with query values that may be personal data redacted."""
+        if self._url is None:
+            self._url = _redact_url(self._raw_url)
+        return self._url
+
+    @property
+    def headers(self) -> Dict[str, str]:
+        """The request headers, credentials redacted."""
+        if self._headers is None:
+            self._headers = _redact_headers(self._raw_headers)
+        return self._headers
 
     def __repr__(self) -> str:
         return f"<HttpRequest {self.method} {self.url}>"
 
 
 class HttpResponse:
-    """A response as hooks and errors see it: status, headers, timing; no body."""
+    """A response as hooks and errors see it: status, headers, timing; no body.
 
-    __slots__ = ("elapsed", "headers", "method", "status_code", "url")
+    Attributes: ``method``, ``url`` (redacted as in ``HttpRequest``),
+    ``status_code``, ``headers`` (lower-case names; cookies redacted),
+    ``elapsed`` (seconds), ``request_id``.
+    """
 
-    def __init__(
-        self, method: str, url: str, status_code: int, headers: Dict[str, str], elapsed: float
-    ) -> None:
+    __slots__ = ("_headers", "_raw_headers", "_request", "elapsed", "method", "status_code")
+
+    def __init__(self, method: str, request: HttpRequest, status_code: int,
+                 headers: Mapping[str, str], elapsed: float) -> None:
         self.method = method
-        self.url = url
         self.status_code = status_code
-        self.headers = headers
         self.elapsed = elapsed
+        self._request = request
+        self._raw_headers = headers
+        self._headers: Optional[Dict[str, str]] = None
+
+    @property
+    def url(self) -> str:
+        """The URL of the request this answers (redacted)."""
+        return self._request.url
+
+    @property
+    def headers(self) -> Dict[str, str]:
+        """Response headers with lower-case names, cookies redacted."""
+        if self._headers is None:
+            self._headers = _redact_headers(self._raw_headers)
+        return self._headers
 
     @property
     def request_id(self) -> Optional[str]:
         """The server's ``x-request-id`` header, if any."""
-        return self.headers.get("x-request-id") or None
+        return self._raw_headers.get("x-request-id") or None
 
     def __repr__(self) -> str:
         return f"<HttpResponse {self.status_code} {self.method} {self.url}>"
@@ -565,6 +603,23 @@ def _proxy_for(origin: _Origin) -> Optional[str]:
     return proxy
 
 
+class _Connection:
+    """One HTTP/1.1 connection: a socket and a buffered reader over it."""
+
+    __slots__ = ("host_header", "proxy_headers", "reader", "sock")
+
+    def __init__(self, sock: socket.socket, host_header: str,
+                 proxy_headers: Optional[Dict[str, str]]) -> None:
+        self.sock = sock
+        self.reader = _Reader(sock)
+        self.host_header = host_header
+        # Plain-http requests through a proxy go in absolute form with the proxy's credentials.
+        self.proxy_headers = proxy_headers
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class _ConnectionPool:
     """Keep-alive HTTP/1.1 connections per origin, shared safely by many threads.
 
@@ -576,29 +631,25 @@ class _ConnectionPool:
     def __init__(self, ssl_context: Optional[ssl.SSLContext], maxsize: int) -> None:
         self._ssl_context = ssl_context
         self._maxsize = maxsize
-        self._idle: Dict[Tuple[str, str, int], List[http.client.HTTPConnection]] = {}
+        self._idle: Dict[Tuple[str, str, int], List[_Connection]] = {}
         self._lock = threading.Lock()
         self._closed = False
 
-    def acquire(
-        self, origin: _Origin, timeout: float
-    ) -> Tuple[http.client.HTTPConnection, bool]:
-        """A connection to ``origin`` and whether it is a reused one."""
+    def acquire(self, origin: _Origin, timeout: float) -> _Connection:
+        """A connection to ``origin``: an idle one that is still open, else a new one."""
         with self._lock:
             if self._closed:
                 raise SpapsConfigurationError("the client is closed")
             idle = self._idle.get(origin.key)
             while idle:
                 conn = idle.pop()
-                if _still_open(conn):
-                    conn.timeout = timeout
-                    if conn.sock is not None:
-                        conn.sock.settimeout(timeout)
-                    return conn, True
+                if _still_open(conn.sock):
+                    conn.sock.settimeout(timeout)
+                    return conn
                 conn.close()
-        return self._connect(origin, timeout), False
+        return self._connect(origin, timeout)
 
-    def release(self, origin: _Origin, conn: http.client.HTTPConnection) -> None:
+    def release(self, origin: _Origin, conn: _Connection) -> None:
         with self._lock:
             idle = self._idle.setdefault(origin.key, [])
             if not self._closed and len(idle) < self._maxsize:
@@ -614,34 +665,29 @@ class _ConnectionPool:
             for conn in idle:
                 conn.close()
 
-    def _connect(self, origin: _Origin, timeout: float) -> http.client.HTTPConnection:
-        import http.client
+    def _connect(self, origin: _Origin, timeout: float) -> _Connection:
+        """Open a connection (through a proxy if configured); failures here are ``_NotSent``."""
+        import socket
 
         proxy = _proxy_for(origin)
-        conn: http.client.HTTPConnection
-        if proxy is None:
-            host, port = origin.host, origin.port
-        else:
-            proxy_origin, _ = _Origin.parse(proxy)
-            host, port = proxy_origin.host, proxy_origin.port
-        if origin.scheme == "https":
-            conn = http.client.HTTPSConnection(
-                host, port, timeout=timeout, context=self._tls_context()
-            )
-            if proxy is not None:
-                conn.set_tunnel(origin.host, origin.port, headers=_proxy_auth(proxy))
-        else:
-            conn = http.client.HTTPConnection(host, port, timeout=timeout)
-        # Plain-http requests through a proxy go in absolute form with the proxy's credentials.
-        conn.spaps_proxy_headers = (  # type: ignore[attr-defined]
-            _proxy_auth(proxy) if proxy is not None and origin.scheme == "http" else None
-        )
+        target = _Origin.parse(proxy)[0] if proxy else origin
+        sock = None
         try:
-            conn.connect()
-        except OSError as exc:
-            conn.close()
+            sock = socket.create_connection((target.host, target.port), timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if origin.scheme == "https":
+                if proxy:
+                    _open_tunnel(sock, origin, _proxy_auth(proxy))
+                sock = self._tls_context().wrap_socket(sock, server_hostname=origin.host)
+        except (OSError, _BadResponse) as exc:
+            if sock is not None:
+                sock.close()
             raise _NotSent(exc) from exc
-        return conn
+        default_port = 443 if origin.scheme == "https" else 80
+        host = f"[{origin.host}]" if ":" in origin.host else origin.host
+        host_header = host if origin.port == default_port else f"{host}:{origin.port}"
+        proxy_headers = _proxy_auth(proxy) if proxy and origin.scheme == "http" else None
+        return _Connection(sock, host_header, proxy_headers)
 
     def _tls_context(self) -> ssl.SSLContext:
         if self._ssl_context is None:
@@ -650,6 +696,24 @@ class _ConnectionPool:
             # The system trust store; OpenSSL also honours SSL_CERT_FILE / SSL_CERT_DIR.
             self._ssl_context = ssl.create_default_context()
         return self._ssl_context
+
+
+class _BadResponse(Exception):
+    """The server broke HTTP/1.1 (bad status line, bad framing, early close)."""
+
+
+def _open_tunnel(sock: socket.socket, origin: _Origin, headers: Dict[str, str]) -> None:
+    """Ask an HTTP proxy for a CONNECT tunnel to ``origin``."""
+    authority = f"[{origin.host}]:{origin.port}" if ":" in origin.host else (
+        f"{origin.host}:{origin.port}")
+    lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    reader = _Reader(sock)
+    reader.deadline = time.monotonic() + (sock.gettimeout() or DEFAULT_TIMEOUT)
+    status, _headers, _close = _read_head(reader)
+    if status != 200 or reader.buffer:  # TLS must start right after the proxy's answer
+        raise _BadResponse(f"proxy refused the tunnel to {authority} (HTTP {status})")
 
 
 def _proxy_auth(proxy: str) -> Dict[str, str]:
@@ -663,16 +727,13 @@ def _proxy_auth(proxy: str) -> Dict[str, str]:
     return {"Proxy-Authorization": "Basic " + base64.b64encode(raw).decode()}
 
 
-def _still_open(conn: http.client.HTTPConnection) -> bool:
+def _still_open(sock: socket.socket) -> bool:
     """Whether an idle keep-alive connection is still usable.
 
     A server may close a connection while it sits idle in the pool; the socket
     then reads as end-of-file. Detecting that here means the request goes out
     on a fresh connection and provably never reached the closed one.
     """
-    sock = conn.sock
-    if sock is None:
-        return False
     import select
 
     try:
@@ -694,6 +755,162 @@ def _still_open(conn: http.client.HTTPConnection) -> bool:
         return type(exc).__name__ == "SSLWantReadError"
     del data  # end-of-file or bytes nobody asked for: either way the connection is unusable
     return False
+
+
+_MAX_HEAD = 65536
+
+
+class _Reader:
+    """Buffered reads from a socket that honour one deadline for the whole response.
+
+    A socket timeout alone bounds each ``recv``; a server trickling a byte at a
+    time could then hold a call forever. Each read here gets only the time
+    left until ``deadline``.
+    """
+
+    __slots__ = ("buffer", "deadline", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+        self.deadline = 0.0
+
+    def fill(self) -> bool:
+        """Read more into the buffer; ``False`` at end of stream."""
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the response did not arrive within the call's time budget")
+        self.sock.settimeout(remaining)
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            return False
+        self.buffer += chunk
+        return True
+
+    def read_head(self) -> bytes:
+        """Everything up to the blank line ending a header block."""
+        start = 0
+        while True:
+            end = self.buffer.find(b"\r\n\r\n", start)
+            if end >= 0:
+                head, self.buffer = self.buffer[:end], self.buffer[end + 4:]
+                return head
+            if len(self.buffer) > _MAX_HEAD:
+                raise _BadResponse("the response headers are too long")
+            start = max(0, len(self.buffer) - 3)
+            if not self.fill():
+                raise _BadResponse(
+                    "the server closed the connection without answering" if not self.buffer
+                    else "the response headers are cut short"
+                )
+
+    def read(self, size: int) -> bytes:
+        """Exactly ``size`` bytes, or fewer if the stream ends first."""
+        if len(self.buffer) < size:
+            parts = [self.buffer]
+            have = len(self.buffer)
+            self.buffer = b""
+            while have < size and self.fill():
+                parts.append(self.buffer)
+                have += len(self.buffer)
+                self.buffer = b""
+            self.buffer = b"".join(parts)
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+    def read_line(self) -> bytes:
+        """One CRLF-terminated line (for chunked bodies), without the line break."""
+        while True:
+            end = self.buffer.find(b"\r\n")
+            if end >= 0:
+                line, self.buffer = self.buffer[:end], self.buffer[end + 2:]
+                return line
+            if len(self.buffer) > _MAX_HEAD or not self.fill():
+                raise _BadResponse("a chunked body is malformed or cut short")
+
+    def read_to_end(self, limit: int) -> Optional[bytes]:
+        """Everything until the server closes, or ``None`` beyond ``limit`` bytes."""
+        while len(self.buffer) <= limit and self.fill():
+            pass
+        data, self.buffer = self.buffer, b""
+        return data if len(data) <= limit else None
+
+
+def _read_head(reader: _Reader) -> Tuple[int, Dict[str, str], bool]:
+    """Read a status line and headers, skipping interim 1xx answers.
+
+    Returns the status, the headers (names lower-cased, repeats joined with
+    ", ") and whether the server will close the connection afterwards.
+    """
+    while True:
+        lines = reader.read_head().decode("latin-1").split("\r\n")
+        parts = lines[0].split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise _BadResponse(f"bad status line {lines[0][:80]!r}")
+        status = int(parts[1])
+        headers: Dict[str, str] = {}
+        name = ""
+        for line in lines[1:]:
+            if line[:1] in (" ", "\t") and name:  # an obsolete folded continuation line
+                headers[name] += " " + line.strip()
+                continue
+            name, colon, value = line.partition(":")
+            if not colon:
+                raise _BadResponse(f"bad header line {line[:80]!r}")
+            name = name.strip().lower()
+            value = value.strip()
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        if 100 <= status < 200:
+            continue  # 100 Continue and friends precede the real answer
+        connection = headers.get("connection", "").lower()
+        will_close = "close" in connection or (
+            parts[0] == "HTTP/1.0" and "keep-alive" not in connection
+        )
+        return status, headers, will_close
+
+
+def _read_response_body(reader: _Reader, method: str, status: int, headers: Dict[str, str]
+                        ) -> Tuple[Optional[bytes], bool]:
+    """The body (``None`` when larger than ``_MAX_BODY``) and whether it ended the connection."""
+    if method == "HEAD" or status in (204, 304):
+        return b"", False
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return _read_chunked(reader), False
+    length_text = headers.get("content-length")
+    if length_text is None:  # the body runs until the server closes the connection
+        return reader.read_to_end(_MAX_BODY), True
+    try:
+        length = int(length_text.split(",")[0])
+    except ValueError:
+        raise _BadResponse(f"bad Content-Length {length_text[:40]!r}") from None
+    if length > _MAX_BODY or length < 0:
+        return None, True
+    data = reader.read(length)
+    if len(data) != length:
+        raise _BadResponse(f"the body was cut short ({len(data)} of {length} bytes)")
+    return data, False
+
+
+def _read_chunked(reader: _Reader) -> Optional[bytes]:
+    chunks: List[bytes] = []
+    size = 0
+    while True:
+        line = reader.read_line()
+        try:
+            length = int(line.split(b";", 1)[0].strip(), 16)
+        except ValueError:
+            raise _BadResponse(f"bad chunk size line {line[:40]!r}") from None
+        if length == 0:
+            while reader.read_line():
+                pass  # trailer fields are not used
+            return b"".join(chunks)
+        size += length
+        if size > _MAX_BODY:
+            return None
+        chunk = reader.read(length)
+        if len(chunk) != length or reader.read_line():
+            raise _BadResponse("a chunk of the body was cut short")
+        chunks.append(chunk)
 
 
 class _RetryQuota:
@@ -787,8 +1004,7 @@ class RetryClient:
             all_headers.setdefault("Content-Type", "application/json")
         elif method in ("POST", "PUT", "PATCH"):
             all_headers["Content-Length"] = "0"
-        public = HttpRequest(method, _redact_url(url), _redact_headers(all_headers),
-                             idempotency_key)
+        public = HttpRequest(method, url, all_headers, idempotency_key)
         self._check_transport_security(url, all_headers)
         hooks = self.logging_hooks
         _fire(hooks.on_request, public)
@@ -897,55 +1113,54 @@ class RetryClient:
         body: Optional[bytes], timeout: float, public: HttpRequest,
     ) -> _Result:
         """One request/response on one pooled connection."""
-        import http.client
-
         started = time.monotonic()
-        conn, _reused = self._pool.acquire(origin, timeout)
-        response: Optional[http.client.HTTPResponse] = None
+        conn = self._pool.acquire(origin, timeout)
+        conn.reader.deadline = started + timeout
+        status = 0
+        response_headers: Dict[str, str] = {}
         try:
-            proxy_headers = getattr(conn, "spaps_proxy_headers", None)
-            if proxy_headers is not None:
-                target = f"http://{origin.host}:{origin.port}{target}"
-                headers = {**headers, **proxy_headers}
-            conn.request(method, target, body=body, headers=headers)
-            response = conn.getresponse()
-            data = _read_body(response)
-        except (OSError, http.client.HTTPException) as exc:
+            if conn.proxy_headers is not None:
+                target = f"http://{conn.host_header}{target}"
+                headers = {**headers, **conn.proxy_headers}
+            conn.sock.sendall(_encode_head(method, target, conn.host_header, headers, body))
+            status, response_headers, will_close = _read_head(conn.reader)
+            data, ended = _read_response_body(conn.reader, method, status, response_headers)
+        except (OSError, _BadResponse) as exc:
             conn.close()
             error = _transport_error(exc, public, sent=True)
-            if response is not None:  # the status line arrived: say what it was
-                error.status_code = response.status
-                error.request_id = response.getheader("x-request-id")
+            if status:  # the status line arrived: say what it was
+                error.status_code = status
+                error.request_id = response_headers.get("x-request-id")
             raise error from None
         except BaseException:
             conn.close()
             raise
-        resp_headers = {name.lower(): value for name, value in response.getheaders()}
-        if data is None or response.will_close:
+        if data is None or will_close or ended or conn.reader.buffer:
             conn.close()
         else:
             self._pool.release(origin, conn)
-        public_response = HttpResponse(
-            method, public.url, response.status, _redact_headers(resp_headers),
-            time.monotonic() - started,
+        return _Result(status, response_headers, data,
+                       HttpResponse(method, public, status, response_headers,
+                                    time.monotonic() - started))
+
+
+def _encode_head(method: str, target: str, host: str, headers: Mapping[str, str],
+                 body: Optional[bytes]) -> bytes:
+    """The request line and headers (and body) as bytes; refuses header injection."""
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", "Accept-Encoding: identity"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    if body is not None:
+        lines.append(f"Content-Length: {len(body)}")
+    if not "".join(lines).isprintable() or not target.isascii():
+        raise SpapsConfigurationError(
+            "a header or the URL contains a line break or control character; refusing to "
+            "send a request that could be split"
         )
-        return _Result(response.status, resp_headers, data, public_response)
-
-
-def _read_body(response: http.client.HTTPResponse) -> Optional[bytes]:
-    """The whole body, or ``None`` when it exceeds ``_MAX_BODY`` (the rest is left unread)."""
-    if response.length is not None:
-        return response.read() if response.length <= _MAX_BODY else None
-    chunks: List[bytes] = []
-    size = 0
-    while True:
-        chunk = response.read(65536)
-        if not chunk:
-            return b"".join(chunks)
-        size += len(chunk)
-        if size > _MAX_BODY:
-            return None
-        chunks.append(chunk)
+    try:
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    except UnicodeEncodeError:
+        raise SpapsConfigurationError("a header value is not Latin-1 text") from None
+    return data + body if body is not None else data
 
 
 class RetryAsyncClient(RetryClient):
@@ -1058,7 +1273,7 @@ class _Model:
                 continue
             try:
                 values[spec.name] = spec.convert(raw)
-            except ValueError as exc:
+            except (ValueError, OverflowError) as exc:  # float(10**400) overflows
                 raise ValueError(f"{cls.__name__}.{spec.name}: {exc}") from None
         return cls(**values)
 
@@ -1456,7 +1671,8 @@ class SessionListResult(_Model):
     @classmethod
     def _prepare(cls, obj: Mapping[str, Any]) -> Mapping[str, Any]:
         sessions = obj.get("sessions") or []
-        return {**obj, "sessions": sessions, "total": obj.get("total", len(sessions))}
+        total = obj.get("total", len(sessions) if isinstance(sessions, list) else 0)
+        return {**obj, "sessions": sessions, "total": total}
 
 
 @dataclass(repr=False, eq=False)
@@ -1733,7 +1949,8 @@ class WhitelistListResult(_Model):
     @classmethod
     def _prepare(cls, obj: Mapping[str, Any]) -> Mapping[str, Any]:
         entries = obj.get("entries") or []
-        return {**obj, "entries": entries, "total": obj.get("total", len(entries))}
+        total = obj.get("total", len(entries) if isinstance(entries, list) else 0)
+        return {**obj, "entries": entries, "total": total}
 
 
 @dataclass(repr=False, eq=False)
@@ -1996,7 +2213,10 @@ def _tokens_from(access_token: str, refresh_token: Optional[str], expires_in: Op
                  token_type: Optional[str]) -> StoredTokens:
     expires_at = None
     if expires_in is not None:
-        expires_at = datetime.now(timezone.utc) + timedelta(seconds=expires_in)
+        try:
+            expires_at = datetime.now(timezone.utc) + timedelta(seconds=expires_in)
+        except OverflowError:  # "never" in practice: treat the expiry as unknown
+            expires_at = None
     return StoredTokens(access_token, refresh_token, expires_at, token_type)
 
 
