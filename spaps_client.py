@@ -970,6 +970,7 @@ class RetryClient:
         self.logging_hooks = _coerce_config(logging_hooks, LoggingHooks) or LoggingHooks()
         self.allow_insecure_http = allow_insecure_http
         self._pool = _ConnectionPool(ssl_context, pool_maxsize)
+        self._origins: Dict[str, Tuple[_Origin, bool]] = {}
         self._quota = _RetryQuota(self.retry_config.retry_quota)
 
     def close(self) -> None:
@@ -1005,11 +1006,14 @@ class RetryClient:
         elif method in ("POST", "PUT", "PATCH"):
             all_headers["Content-Length"] = "0"
         public = HttpRequest(method, url, all_headers, idempotency_key)
-        self._check_transport_security(url, all_headers)
+        origin, target = self._resolve(url, all_headers)
         hooks = self.logging_hooks
         _fire(hooks.on_request, public)
         budget = float(timeout) if timeout else self.timeout
         deadline = time.monotonic() + budget
+        outer = getattr(_CALL_BUDGET, "deadline", None)
+        if outer is not None and outer < deadline:  # part of a larger call: share its budget
+            deadline = outer
         config = self.retry_config
         attempt = 1
         while True:
@@ -1018,8 +1022,8 @@ class RetryClient:
             try:
                 if remaining <= 0:
                     raise SpapsTimeoutError(f"{method} {public.url} timed out after {budget:g}s")
-                result = self._send_following_redirects(method, url, all_headers, body,
-                                                         remaining, public)
+                result = self._send_following_redirects(method, origin, target, all_headers,
+                                                         body, deadline, public)
             except _NotSent as exc:
                 error: SpapsError = _transport_error(exc.args[0], public, sent=False)
                 may_replay = error.retryable  # False only for permanent failures (certificates)
@@ -1075,26 +1079,39 @@ class RetryClient:
         _fire(hooks.on_give_up, public, reason, attempt)
         return False
 
-    def _check_transport_security(self, url: str, headers: Mapping[str, str]) -> None:
-        if self.allow_insecure_http or not url.lower().startswith("http://"):
-            return
-        if not any(name.lower() in ("authorization", "x-api-key") for name in headers):
-            return
-        origin, _ = _Origin.parse(url)
-        if not _is_loopback(origin.host):
+    def _resolve(self, url: str, headers: Mapping[str, str]) -> Tuple[_Origin, str]:
+        """Split ``url`` into origin and target; refuse credentials over remote plain HTTP.
+
+        Origins are parsed once per client: every call to the same SPAPS reuses the result.
+        """
+        authority_end = url.find("/", url.find("://") + 3)
+        prefix, target = (url, "/") if authority_end < 0 else (
+            url[:authority_end], url[authority_end:])
+        known = self._origins.get(prefix)
+        if known is None:
+            origin = _Origin.parse(prefix)[0]
+            known = self._origins[prefix] = (
+                origin, origin.scheme == "http" and not _is_loopback(origin.host))
+        origin, plain_and_remote = known
+        if plain_and_remote and not self.allow_insecure_http and any(
+            name.lower() in ("authorization", "x-api-key") for name in headers
+        ):
             raise SpapsConfigurationError(
                 f"refusing to send credentials over plain HTTP to {origin.host}; use https:// "
                 "or pass allow_insecure_http=True if this network is trusted"
             )
+        return origin, target
 
     def _send_following_redirects(
-        self, method: str, url: str, headers: Dict[str, str], body: Optional[bytes],
-        timeout: float, public: HttpRequest,
+        self, method: str, origin: _Origin, target: str, headers: Dict[str, str],
+        body: Optional[bytes], deadline: float, public: HttpRequest,
     ) -> _Result:
-        """Send once, following same-origin 307/308 redirects (method and body kept)."""
-        origin, target = _Origin.parse(url)
+        """Send once, following same-origin 307/308 redirects (method and body kept).
+
+        Every hop shares the one ``deadline``, so redirects cannot stretch a call.
+        """
         for _ in range(5):
-            result = self._exchange(origin, method, target, headers, body, timeout, public)
+            result = self._exchange(origin, method, target, headers, body, deadline, public)
             location = result.headers.get("location")
             if result.status not in (307, 308) or not location:
                 return result
@@ -1110,12 +1127,14 @@ class RetryClient:
 
     def _exchange(
         self, origin: _Origin, method: str, target: str, headers: Dict[str, str],
-        body: Optional[bytes], timeout: float, public: HttpRequest,
+        body: Optional[bytes], deadline: float, public: HttpRequest,
     ) -> _Result:
-        """One request/response on one pooled connection."""
+        """One request/response on one pooled connection, all of it before ``deadline``."""
         started = time.monotonic()
-        conn = self._pool.acquire(origin, timeout)
-        conn.reader.deadline = started + timeout
+        if started >= deadline:
+            raise SpapsTimeoutError(f"{method} {public.url}: the call's time budget ran out")
+        conn = self._pool.acquire(origin, deadline - started)
+        conn.reader.deadline = deadline
         status = 0
         response_headers: Dict[str, str] = {}
         try:
@@ -1439,12 +1458,20 @@ def _to_datetime(value: Any) -> datetime:
     if not isinstance(value, str):
         raise ValueError(f"expected a date-time, got {_kind(value)}")
     text = value.strip()
-    try:
-        number = float(text)
-    except ValueError:
-        pass
+    if len(text) >= 10 and text[4] == "-":
+        try:  # the C parser handles the common shapes; the pattern below handles the rest
+            if text[-1] in "Zz" and sys.version_info < (3, 11):
+                return datetime.fromisoformat(text[:-1] + "+00:00")
+            return datetime.fromisoformat(text)
+        except ValueError:
+            pass
     else:
-        return _from_epoch(number)
+        try:
+            number = float(text)
+        except ValueError:
+            pass
+        else:
+            return _from_epoch(number)
     global _ISO_PATTERN
     if _ISO_PATTERN is None:
         import re
@@ -2394,6 +2421,10 @@ def _json_body(pairs: Mapping[str, Any]) -> bytes:
     return json.dumps(pairs, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+# The deadline of the user call running on this thread, if any (see _Service._call).
+_CALL_BUDGET = threading.local()
+
+
 class _Service:
     """Shared machinery of the service clients: headers, tokens, envelopes, errors."""
 
@@ -2489,6 +2520,21 @@ class _Service:
 
             url += "?" + urlencode(query)
         payload = None if body is _NO_BODY else _json_body(body)
+        if getattr(_CALL_BUDGET, "deadline", None) is not None:
+            return self._call_within_budget(method, url, auth, token, payload, headers,
+                                            idempotency_key)
+        # The outermost call sets the budget that a refresh and a replay must share.
+        _CALL_BUDGET.deadline = time.monotonic() + ctx.http.timeout
+        try:
+            return self._call_within_budget(method, url, auth, token, payload, headers,
+                                            idempotency_key)
+        finally:
+            _CALL_BUDGET.deadline = None
+
+    def _call_within_budget(self, method: str, url: str, auth: str, token: Optional[str],
+                            payload: Optional[bytes], headers: Optional[Dict[str, str]],
+                            idempotency_key: Optional[str]) -> _Reply:
+        ctx = self._ctx
         explicit = token
         if auth in (_BEARER, _OPTIONAL_BEARER) and not token:
             token = ctx.tokens.current()
