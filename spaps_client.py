@@ -27,13 +27,11 @@ services, webhooks, aggregate clients, command line.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
 import time
 from abc import ABC, abstractmethod
-from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime, timedelta, timezone
 from typing import (
     TYPE_CHECKING,
@@ -56,6 +54,8 @@ if TYPE_CHECKING:  # imported lazily at run time: they cost import time
     import ssl
     from concurrent.futures import ThreadPoolExecutor
     from contextlib import AbstractContextManager
+    from dataclasses import dataclass as _dataclass
+    from dataclasses import field as _field
     from typing import Concatenate, Coroutine, ParamSpec
 
     _P = ParamSpec("_P")
@@ -114,6 +114,96 @@ _USER_AGENT = (
 
 
 # =============================================================================
+# Lazy dataclasses
+# =============================================================================
+#
+# Settings, configs, tokens and every response model are dataclasses, but
+# building ~50 of them (and importing ``dataclasses``, which pulls in
+# ``inspect``) would double the import time that Lambda users pay on every
+# cold start. Each class is turned into a real dataclass the first time it is
+# used: instantiated, validated, or inspected with ``dataclasses.fields()`` /
+# ``is_dataclass()``. Type checkers see ordinary dataclasses.
+
+if not TYPE_CHECKING:
+
+    def _dataclass(**options):
+        def mark(cls):
+            cls._dataclass_options = options
+            return cls
+
+        return mark
+
+    class _FieldLater:
+        __slots__ = ("options",)
+
+        def __init__(self, options):
+            self.options = options
+
+    def _field(**options):
+        return _FieldLater(options)
+
+
+_DATACLASS_ATTRIBUTES = frozenset({"__dataclass_fields__", "__dataclass_params__",
+                                   "__match_args__"})
+_MATERIALIZE_LOCK = threading.RLock()
+
+
+class _LazyDataclassMeta(type):
+    if not TYPE_CHECKING:
+
+        def __getattr__(cls, name):
+            # Only reached for attributes the class lacks: dataclass introspection.
+            if name in _DATACLASS_ATTRIBUTES and "_dataclass_options" in cls.__dict__:
+                _materialize(cls)
+                return type.__getattribute__(cls, name)
+            raise AttributeError(name)
+
+
+def _materialize(cls: type) -> None:
+    """Make ``cls`` the dataclass it was declared as (once, thread-safely)."""
+    if "__dataclass_fields__" in cls.__dict__:
+        return
+    import dataclasses
+
+    with _MATERIALIZE_LOCK:
+        if "__dataclass_fields__" in cls.__dict__:
+            return
+        for name, value in list(vars(cls).items()):
+            if type(value).__name__ == "_FieldLater":
+                setattr(cls, name, dataclasses.field(**value.options))
+        dataclasses.dataclass(cls, **cls.__dict__["_dataclass_options"])
+
+
+class _LazyDataclass(metaclass=_LazyDataclassMeta):
+    """Base of the lazily built dataclasses; ``repr`` and ``==`` work field by field."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        cls = type(self)
+        _materialize(cls)
+        if cls.__init__ is _LazyDataclass.__init__:
+            raise TypeError(f"{cls.__name__} is not a dataclass")
+        cls.__init__(self, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in _fields_of(self) if f.repr
+        )
+        return f"{type(self).__name__}({shown})"
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, f.name) == getattr(other, f.name) for f in _fields_of(self))
+
+
+def _fields_of(obj: Any) -> Tuple[Any, ...]:
+    import dataclasses
+
+    _materialize(obj if isinstance(obj, type) else type(obj))
+    return dataclasses.fields(obj)
+
+
+# =============================================================================
 # Configuration
 # =============================================================================
 
@@ -127,8 +217,8 @@ DEFAULT_TIMEOUT = 10.0
 """Seconds allowed for one call, retries included, unless configured otherwise."""
 
 
-@dataclass
-class Settings:
+@_dataclass(repr=False, eq=False)
+class Settings(_LazyDataclass):
     """Connection settings, read from arguments first and ``SPAPS_*`` variables second.
 
     An explicit argument (anything but ``None``) wins over the environment; an
@@ -137,7 +227,7 @@ class Settings:
     """
 
     base_url: str = ""
-    api_key: str = field(default="", repr=False)
+    api_key: str = _field(default="", repr=False)
     request_timeout: float = DEFAULT_TIMEOUT
 
     def __init__(
@@ -159,8 +249,8 @@ class Settings:
         self.request_timeout = float(request_timeout)
 
 
-@dataclass
-class RetryConfig:
+@_dataclass(repr=False, eq=False)
+class RetryConfig(_LazyDataclass):
     """How failed calls are retried. Retries are on by default (``RetryConfig()``).
 
     A request is sent again only when that cannot duplicate its effect: the
@@ -214,8 +304,8 @@ class RetryConfig:
 _HookRequest = Callable[["HttpRequest"], None]
 
 
-@dataclass
-class LoggingHooks:
+@_dataclass(repr=False, eq=False)
+class LoggingHooks(_LazyDataclass):
     """Callbacks observing every HTTP exchange; each field is optional.
 
     ``on_request(request)`` once per call; ``on_response(request, response,
@@ -1261,7 +1351,7 @@ def _parse_retry_after(value: Optional[str]) -> Optional[float]:
 # =============================================================================
 
 
-class _Model:
+class _Model(_LazyDataclass):
     """Base of every response model: a dataclass with lenient, typed parsing.
 
     ``model_validate(dict)`` builds an instance (unknown keys ignored, aliases
@@ -1299,25 +1389,12 @@ class _Model:
     def model_dump(self, *, by_alias: bool = False, exclude_none: bool = False) -> Dict[str, Any]:
         """The model as a dict keyed by attribute names (or JSON names with ``by_alias``)."""
         out: Dict[str, Any] = {}
-        for f in fields(self):  # type: ignore[arg-type]
+        for f in _fields_of(self):
             value = _dump(getattr(self, f.name), by_alias, exclude_none)
             if value is None and exclude_none:
                 continue
             out[f.metadata.get("alias", f.name) if by_alias else f.name] = value
         return out
-
-    def __repr__(self) -> str:
-        shown = ", ".join(
-            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)  # type: ignore[arg-type]
-            if f.repr
-        )
-        return f"{type(self).__name__}({shown})"
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        return all(getattr(self, f.name) == getattr(other, f.name)
-                   for f in fields(self))  # type: ignore[arg-type]
 
     @classmethod
     def _prepare(cls, obj: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -1326,10 +1403,11 @@ class _Model:
     @classmethod
     def _build_specs(cls) -> Tuple[_FieldSpec, ...]:
         import typing
+        from dataclasses import MISSING
 
         hints = typing.get_type_hints(cls)
         specs = []
-        for f in fields(cls):  # type: ignore[arg-type]
+        for f in _fields_of(cls):
             alias = f.metadata.get("alias")
             keys = (alias, f.name) if alias else (f.name,)
             required = f.default is f.default_factory is MISSING
@@ -1520,11 +1598,11 @@ _ID_ALIAS = {"alias": "id"}
 # --- Auth models ---
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class TokenUser(_Model):
     """The user a token pair was issued to."""
 
-    user_id: str = field(metadata=_ID_ALIAS)
+    user_id: str = _field(metadata=_ID_ALIAS)
     wallet_address: Optional[str] = None
     chain: Optional[str] = None
     email: Optional[str] = None
@@ -1535,18 +1613,18 @@ class TokenUser(_Model):
     email_confirmed: Optional[bool] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class TokenPair(_Model):
     """Access and refresh tokens from a sign-in or refresh; tokens hidden from ``repr``."""
 
-    access_token: str = field(repr=False)
-    refresh_token: str = field(repr=False)
+    access_token: str = _field(repr=False)
+    refresh_token: str = _field(repr=False)
     expires_in: int
     user: TokenUser
     token_type: str = "Bearer"  # noqa: S105 - a token type, not a secret
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class NonceResponse(_Model):
     """A wallet sign-in challenge: sign ``message`` with the wallet."""
 
@@ -1556,16 +1634,16 @@ class NonceResponse(_Model):
     expires_at: datetime
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class RegistrationTokens(_Model):
     """Tokens issued on registration or magic-link sign-in; hidden from ``repr``."""
 
-    access_token: str = field(repr=False)
-    refresh_token: str = field(repr=False)
+    access_token: str = _field(repr=False)
+    refresh_token: str = _field(repr=False)
     expires_in: int
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class RegistrationUser(_Model):
     """The user created by ``register`` or signed in by magic link."""
 
@@ -1578,7 +1656,7 @@ class RegistrationUser(_Model):
     wallets: Optional[List[str]] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class RegistrationResponse(_Model):
     """Result of ``register``: the user and, when the server signs in at once, tokens."""
 
@@ -1587,7 +1665,7 @@ class RegistrationResponse(_Model):
     tokens: Optional[RegistrationTokens] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class MagicLinkSendResponse(_Model):
     """Confirmation that a magic link was sent."""
 
@@ -1596,7 +1674,7 @@ class MagicLinkSendResponse(_Model):
     sent_at: Optional[datetime] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class MagicLinkAuthResponse(_Model):
     """Result of ``verify_magic_link``."""
 
@@ -1605,14 +1683,14 @@ class MagicLinkAuthResponse(_Model):
     tokens: Optional[RegistrationTokens] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class MessageResponse(_Model):
     """A plain confirmation message."""
 
     message: str
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class UserWallet(_Model):
     """A wallet linked to a user."""
 
@@ -1621,7 +1699,7 @@ class UserWallet(_Model):
     verified: Optional[bool] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class UserProfile(_Model):
     """The signed-in user (``auth.get_current_user``)."""
 
@@ -1629,12 +1707,12 @@ class UserProfile(_Model):
     username: Optional[str] = None
     email: Optional[str] = None
     phone_number: Optional[str] = None
-    wallets: List[UserWallet] = field(default_factory=list)
+    wallets: List[UserWallet] = _field(default_factory=list)
     tier: Optional[str] = None
     metadata: Optional[Dict[str, Any]] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class PasswordResetRequestResponse(_Model):
     """Confirmation that a password-reset email was requested."""
 
@@ -1646,11 +1724,11 @@ class PasswordResetRequestResponse(_Model):
 # --- Session models ---
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class SessionSummary(_Model):
     """The session behind the current access token."""
 
-    session_id: str = field(metadata=_ID_ALIAS)
+    session_id: str = _field(metadata=_ID_ALIAS)
     user_id: str
     application_id: str
     created_at: datetime
@@ -1662,7 +1740,7 @@ class SessionSummary(_Model):
     idle_minutes: Optional[float] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class SessionValidationResult(_Model):
     """Whether the current session is valid."""
 
@@ -1672,11 +1750,11 @@ class SessionValidationResult(_Model):
     renewed: Optional[bool] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class SessionRecord(_Model):
     """One of the user's sessions, as listed by ``list_sessions``."""
 
-    session_id: str = field(metadata=_ID_ALIAS)
+    session_id: str = _field(metadata=_ID_ALIAS)
     user_id: str
     application_id: str
     created_at: datetime
@@ -1688,11 +1766,11 @@ class SessionRecord(_Model):
     is_current: Optional[bool] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class SessionListResult(_Model):
     """A page of sessions; ``total`` counts all of them."""
 
-    sessions: List[SessionRecord] = field(default_factory=list)
+    sessions: List[SessionRecord] = _field(default_factory=list)
     total: int = 0
 
     @classmethod
@@ -1702,7 +1780,7 @@ class SessionListResult(_Model):
         return {**obj, "sessions": sessions, "total": total}
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class SessionTouchResult(_Model):
     """Result of ``touch_session``."""
 
@@ -1711,7 +1789,7 @@ class SessionTouchResult(_Model):
     last_activity: Optional[datetime] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class SessionRevokeResult(_Model):
     """Result of ``revoke_session``."""
 
@@ -1722,7 +1800,7 @@ class SessionRevokeResult(_Model):
 # --- Payment models ---
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class CheckoutSession(_Model):
     """A Stripe checkout session: send the user to ``checkout_url``."""
 
@@ -1731,16 +1809,16 @@ class CheckoutSession(_Model):
     expires_at: Optional[datetime] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class PaymentIntent(_Model):
     """A Stripe payment intent; ``client_secret`` is hidden from ``repr``."""
 
     payment_intent_id: str
-    client_secret: Optional[str] = field(default=None, repr=False)
+    client_secret: Optional[str] = _field(default=None, repr=False)
     status: Optional[str] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class WalletDeposit(_Model):
     """A recorded crypto wallet deposit."""
 
@@ -1752,7 +1830,7 @@ class WalletDeposit(_Model):
     confirmation_current: Optional[int] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class WalletTransaction(_Model):
     """A wallet deposit transaction and its confirmations."""
 
@@ -1766,7 +1844,7 @@ class WalletTransaction(_Model):
     completed_at: Optional[datetime] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class SubscriptionPlan(_Model):
     """The price a subscription is on."""
 
@@ -1774,18 +1852,18 @@ class SubscriptionPlan(_Model):
     interval: Optional[str] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class SubscriptionDetail(_Model):
     """A subscription and its plan."""
 
     subscription_id: str
-    plan: SubscriptionPlan = field(default_factory=SubscriptionPlan)
+    plan: SubscriptionPlan = _field(default_factory=SubscriptionPlan)
     status: Optional[str] = None
     current_period_end: Optional[datetime] = None
     cancel_at_period_end: Optional[bool] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class SubscriptionCancellation(_Model):
     """Result of ``cancel_subscription``."""
 
@@ -1794,7 +1872,7 @@ class SubscriptionCancellation(_Model):
     cancel_at_period_end: Optional[bool] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class BalanceAmounts(_Model):
     """Available and pending balance in one currency."""
 
@@ -1803,7 +1881,7 @@ class BalanceAmounts(_Model):
     currency: str
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class UsageSummary(_Model):
     """Credits used in the current billing period."""
 
@@ -1813,17 +1891,17 @@ class UsageSummary(_Model):
     credits_remaining: Optional[int] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class BalanceOverview(_Model):
     """The user's balance, tier and usage."""
 
     balance: BalanceAmounts
-    usage: UsageSummary = field(default_factory=UsageSummary)
+    usage: UsageSummary = _field(default_factory=UsageSummary)
     tier: Optional[str] = None
     tier_expires_at: Optional[datetime] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class PaymentMethodUpdateResult(_Model):
     """Result of ``update_payment_method``."""
 
@@ -1833,11 +1911,11 @@ class PaymentMethodUpdateResult(_Model):
     is_default: bool = False
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class CryptoInvoice(_Model):
     """A crypto invoice; ``amount`` is a decimal string such as ``"42.75"``."""
 
-    invoice_id: str = field(metadata=_ID_ALIAS)
+    invoice_id: str = _field(metadata=_ID_ALIAS)
     asset: str
     network: str
     amount: str
@@ -1847,7 +1925,7 @@ class CryptoInvoice(_Model):
     metadata: Optional[Dict[str, Any]] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class CryptoInvoiceStatus(_Model):
     """The settlement status of a crypto invoice."""
 
@@ -1860,7 +1938,7 @@ class CryptoInvoiceStatus(_Model):
     overpaid: Optional[bool] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class CryptoReconcileJob(_Model):
     """A scheduled reconciliation job."""
 
@@ -1872,7 +1950,7 @@ class CryptoReconcileJob(_Model):
 # --- Usage models ---
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class UsagePeriod(_Model):
     """The billing period usage is counted in."""
 
@@ -1880,7 +1958,7 @@ class UsagePeriod(_Model):
     end: Optional[str] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class UsageFeature(_Model):
     """A metered feature and how much of it was used."""
 
@@ -1892,18 +1970,18 @@ class UsageFeature(_Model):
     reset_at: Optional[str] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class UsageFeaturesResponse(_Model):
     """The user's metered features."""
 
     user_id: Optional[str] = None
     tier: Optional[str] = None
-    period: UsagePeriod = field(default_factory=UsagePeriod)
-    features: List[UsageFeature] = field(default_factory=list)
+    period: UsagePeriod = _field(default_factory=UsagePeriod)
+    features: List[UsageFeature] = _field(default_factory=list)
     overage: Optional[Dict[str, Any]] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class UsageRecordUsage(_Model):
     """Usage of a feature after recording."""
 
@@ -1912,7 +1990,7 @@ class UsageRecordUsage(_Model):
     remaining: Optional[float] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class UsageRecordResult(_Model):
     """Result of ``record_usage``."""
 
@@ -1921,33 +1999,33 @@ class UsageRecordResult(_Model):
     quantity: Optional[float] = None
     recorded_at: Optional[str] = None
     warning: Optional[str] = None
-    current_usage: UsageRecordUsage = field(default_factory=UsageRecordUsage)
+    current_usage: UsageRecordUsage = _field(default_factory=UsageRecordUsage)
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class UsageHistoryEntry(_Model):
     """Usage on one date."""
 
     date: Optional[str] = None
-    features: Dict[str, Any] = field(default_factory=dict)
+    features: Dict[str, Any] = _field(default_factory=dict)
     total_cost: Optional[float] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class UsageHistoryResponse(_Model):
     """Usage history over a period."""
 
     period: Optional[str] = None
     start_date: Optional[str] = None
     end_date: Optional[str] = None
-    history: List[UsageHistoryEntry] = field(default_factory=list)
+    history: List[UsageHistoryEntry] = _field(default_factory=list)
     summary: Optional[Dict[str, Any]] = None
 
 
 # --- Whitelist and secure message models ---
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class WhitelistEntry(_Model):
     """An email on the whitelist."""
 
@@ -1958,7 +2036,7 @@ class WhitelistEntry(_Model):
     metadata: Optional[Dict[str, Any]] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class WhitelistCheckResult(_Model):
     """Whether an email is whitelisted; ``entry`` is ``None`` when it is not."""
 
@@ -1966,11 +2044,11 @@ class WhitelistCheckResult(_Model):
     entry: Optional[WhitelistEntry] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class WhitelistListResult(_Model):
     """A page of whitelist entries."""
 
-    entries: List[WhitelistEntry] = field(default_factory=list)
+    entries: List[WhitelistEntry] = _field(default_factory=list)
     total: int = 0
 
     @classmethod
@@ -1980,27 +2058,27 @@ class WhitelistListResult(_Model):
         return {**obj, "entries": entries, "total": total}
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class WhitelistMessage(_Model):
     """A whitelist confirmation message."""
 
     message: str
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class SecureMessage(_Model):
     """A secure message between a patient and a practitioner."""
 
     id: str
     patient_id: str
     practitioner_id: str
-    content: str = field(repr=False)
+    content: str = _field(repr=False)
     application_id: Optional[str] = None
     metadata: Optional[Dict[str, Any]] = None
     created_at: Optional[str] = None
 
 
-@dataclass(repr=False, eq=False)
+@_dataclass(repr=False, eq=False)
 class SpapsWebhookPayload(_Model):
     """A verified SPAPS webhook event."""
 
@@ -2017,12 +2095,12 @@ class SpapsWebhookPayload(_Model):
 # =============================================================================
 
 
-@dataclass
-class StoredTokens:
+@_dataclass(repr=False, eq=False)
+class StoredTokens(_LazyDataclass):
     """Tokens kept between calls; the tokens are hidden from ``repr``."""
 
-    access_token: str = field(repr=False)
-    refresh_token: Optional[str] = field(default=None, repr=False)
+    access_token: str = _field(repr=False)
+    refresh_token: Optional[str] = _field(default=None, repr=False)
     expires_at: Optional[datetime] = None
     token_type: Optional[str] = None
 
@@ -2119,6 +2197,8 @@ class FileTokenStorage(TokenStorage):
         return f"FileTokenStorage(path={self.path!r})"
 
     def save(self, tokens: StoredTokens) -> None:
+        import json
+
         document = {
             "access_token": tokens.access_token,
             "refresh_token": tokens.refresh_token,
@@ -2145,6 +2225,8 @@ class FileTokenStorage(TokenStorage):
             _fsync_directory(directory)
 
     def load(self) -> Optional[StoredTokens]:
+        import json
+
         with self._thread_lock:
             try:
                 with open(self.path, "rb") as handle:
@@ -2418,6 +2500,8 @@ def _segment(value: Any, what: str) -> str:
 
 
 def _json_body(pairs: Mapping[str, Any]) -> bytes:
+    import json
+
     return json.dumps(pairs, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
@@ -2564,6 +2648,8 @@ class _Service:
                                       idempotency_key=idempotency_key)
 
     def _reply(self, result: _Result) -> _Reply:
+        import json
+
         if result.status >= 300:
             raise self._status_error(result)
         reply = _Reply(self, result, {})
@@ -2582,6 +2668,8 @@ class _Service:
 
     def _status_error(self, result: _Result) -> SpapsError:
         """The service's error for a status >= 300, from whatever the body offers."""
+        import json
+
         document: Any = None
         if result.body:
             try:
@@ -3589,6 +3677,7 @@ def verify_spaps_webhook(
     """
     import hashlib
     import hmac
+    import json
     import re
 
     match = re.fullmatch(r"t=(\d+),v1=([0-9a-f]{64})", signature or "")
@@ -3622,6 +3711,7 @@ def generate_test_signature(
     """Sign ``json.dumps(payload)`` as SPAPS would; returns the header value (for tests)."""
     import hashlib
     import hmac
+    import json
 
     sent_at = int(time.time()) if timestamp is None else timestamp
     digest = hmac.new(secret.encode("utf-8"), f"{sent_at}.{json.dumps(payload)}".encode(),
@@ -3943,6 +4033,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _run_command(client: SpapsClient, command: str, as_json: bool) -> int:
+    import json
+
     if command in ("health", "ready"):
         document = client.metrics.health() if command == "health" else client.metrics.readiness()
         good = (document.get("status") in ("healthy", "ok") if command == "health"
@@ -3966,6 +4058,8 @@ def _run_command(client: SpapsClient, command: str, as_json: bool) -> int:
 
 
 def _print_result(as_json: bool, document: Any, text: str) -> None:
+    import json
+
     print(json.dumps(document, default=str, indent=2) if as_json else text)
 
 
