@@ -27,38 +27,54 @@ services, webhooks, aggregate clients, command line.
 
 from __future__ import annotations
 
+import _thread
 import os
 import sys
-import threading
 import time
+from _collections_abc import Mapping  # collections.abc without importing collections
 from abc import ABC, abstractmethod
 from datetime import datetime, timedelta, timezone
-from typing import (
-    TYPE_CHECKING,
-    Any,
-    Callable,
-    ClassVar,
-    Dict,
-    Generic,
-    List,
-    Mapping,
-    Optional,
-    Tuple,
-    Type,
-    TypeVar,
-    Union,
-)
 
-if TYPE_CHECKING:  # imported lazily at run time: they cost import time
+# ``typing`` costs ~5 ms of import time and annotations are strings here
+# (PEP 563), so it is imported for type checkers only; mypy honours this flag.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
     import socket
     import ssl
+    import threading
     from concurrent.futures import ThreadPoolExecutor
     from contextlib import AbstractContextManager
     from dataclasses import dataclass as _dataclass
     from dataclasses import field as _field
-    from typing import Concatenate, Coroutine, ParamSpec
+    from typing import (
+        Any,
+        Callable,
+        ClassVar,
+        Concatenate,
+        Coroutine,
+        Dict,
+        List,
+        Optional,
+        ParamSpec,
+        Tuple,
+        Type,
+        TypeVar,
+        Union,
+    )
+    from typing import Generic as _GenericBase
 
     _P = ParamSpec("_P")
+    _T = TypeVar("_T")
+    _M = TypeVar("_M", bound="_Model")
+    _S = TypeVar("_S", bound="_Service")
+    _A = TypeVar("_A", bound="_AsyncService[Any]")
+else:
+
+    class _GenericBase:
+        """Stands in for ``typing.Generic`` at run time: ``Base[X]`` is just ``Base``."""
+
+        def __class_getitem__(cls, item):
+            return cls
 
 __version__ = "0.5.0"
 
@@ -102,10 +118,6 @@ __all__ = [
     "main",
 ]
 
-_T = TypeVar("_T")
-_M = TypeVar("_M", bound="_Model")
-_S = TypeVar("_S", bound="_Service")
-_A = TypeVar("_A", bound="_AsyncService[Any]")
 
 _REDACTED = "[redacted]"
 _USER_AGENT = (
@@ -145,7 +157,7 @@ if not TYPE_CHECKING:
 
 _DATACLASS_ATTRIBUTES = frozenset({"__dataclass_fields__", "__dataclass_params__",
                                    "__match_args__"})
-_MATERIALIZE_LOCK = threading.RLock()
+_MATERIALIZE_LOCK = _thread.RLock()
 
 
 class _LazyDataclassMeta(type):
@@ -299,9 +311,6 @@ class RetryConfig(_LazyDataclass):
             # Equal jitter: spread the retries without ever collapsing to zero.
             delay = delay / 2 + random.uniform(0, delay / 2)  # noqa: S311 - not crypto
         return delay
-
-
-_HookRequest = Callable[["HttpRequest"], None]
 
 
 @_dataclass(repr=False, eq=False)
@@ -722,7 +731,7 @@ class _ConnectionPool:
         self._ssl_context = ssl_context
         self._maxsize = maxsize
         self._idle: Dict[Tuple[str, str, int], List[_Connection]] = {}
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         self._closed = False
 
     def acquire(self, origin: _Origin, timeout: float) -> _Connection:
@@ -1012,7 +1021,7 @@ class _RetryQuota:
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
         self._level = capacity
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
 
     def take(self, cost: int) -> bool:
         with self._lock:
@@ -1405,7 +1414,8 @@ class _Model(_LazyDataclass):
         import typing
         from dataclasses import MISSING
 
-        hints = typing.get_type_hints(cls)
+        # The annotations name typing's generics, which this module imports for checkers only.
+        hints = typing.get_type_hints(cls, localns=dict(vars(typing), datetime=datetime))
         specs = []
         for f in _fields_of(cls):
             alias = f.metadata.get("alias")
@@ -1447,14 +1457,14 @@ def _converter(hint: Any) -> Callable[[Any], Any]:
 
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if origin is Union:
+    if origin is typing.Union:
         inner = [arg for arg in args if arg is not type(None)]
         convert = _converter(inner[0])
         return lambda value: None if value is None else convert(value)
-    if origin in (list, List):
+    if origin is list:
         item = _converter(args[0]) if args else (lambda value: value)
         return lambda value: [item(v) for v in _expect(value, list, "a list")]
-    if origin in (dict, Dict) or hint in (dict, Dict):
+    if origin is dict or hint is dict:
         return lambda value: dict(_expect(value, dict, "an object"))
     if isinstance(hint, type) and issubclass(hint, _Model):
         return hint.model_validate
@@ -2114,7 +2124,7 @@ class StoredTokens(_LazyDataclass):
         return expires_at - datetime.now(timezone.utc) < timedelta(seconds=seconds)
 
 
-_LOCK_CREATION = threading.Lock()
+_LOCK_CREATION = _thread.allocate_lock()
 
 
 class TokenStorage(ABC):
@@ -2146,7 +2156,7 @@ class TokenStorage(ABC):
         lock = self._refresh_lock
         if lock is None:
             with _LOCK_CREATION:  # two threads must never get two different locks
-                lock = self.__dict__.setdefault("_refresh_lock", threading.RLock())
+                lock = self.__dict__.setdefault("_refresh_lock", _thread.RLock())
         return lock
 
 
@@ -2155,7 +2165,7 @@ class InMemoryTokenStorage(TokenStorage):
 
     def __init__(self) -> None:
         self._tokens: Optional[StoredTokens] = None
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
 
     def save(self, tokens: StoredTokens) -> None:
         with self._lock:
@@ -2191,7 +2201,7 @@ class FileTokenStorage(TokenStorage):
 
     def __init__(self, *, path: Optional[Union[str, os.PathLike[str]]] = None) -> None:
         self.path = os.path.abspath(os.path.expanduser(os.fspath(path or self.DEFAULT_PATH)))
-        self._thread_lock = threading.RLock()
+        self._thread_lock = _thread.RLock()
 
     def __repr__(self) -> str:
         return f"FileTokenStorage(path={self.path!r})"
@@ -2506,7 +2516,7 @@ def _json_body(pairs: Mapping[str, Any]) -> bytes:
 
 
 # The deadline of the user call running on this thread, if any (see _Service._call).
-_CALL_BUDGET = threading.local()
+_CALL_BUDGET = _thread._local()
 
 
 class _Service:
@@ -3373,7 +3383,7 @@ class MetricsClient(_Service):
 
 # --- The async surface, derived from the sync services ---
 
-_executor_lock = threading.Lock()
+_executor_lock = _thread.allocate_lock()
 _shared_executor: Optional[ThreadPoolExecutor] = None
 ASYNC_WORKERS = 64
 """Worker threads shared by all async clients (a call occupies one while it runs)."""
@@ -3425,7 +3435,7 @@ def _keywords_of(
     return apply
 
 
-class _AsyncService(Generic[_S]):
+class _AsyncService(_GenericBase["_S"]):
     """Base of the async service clients: wraps the sync client of the same service.
 
     The constructor takes the same keywords as the sync class.
