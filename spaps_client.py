@@ -978,11 +978,12 @@ def _read_response_body(reader: _Reader, method: str, status: int, headers: Dict
     length_text = headers.get("content-length")
     if length_text is None:  # the body runs until the server closes the connection
         return reader.read_to_end(_MAX_BODY), True
-    try:
-        length = int(length_text.split(",")[0])
-    except ValueError:
-        raise _BadResponse(f"bad Content-Length {length_text[:40]!r}") from None
-    if length > _MAX_BODY or length < 0:
+    values = {value.strip() for value in length_text.split(",")}  # repeats must agree
+    single = values.pop() if len(values) == 1 else ""
+    if not single.isdigit():
+        raise _BadResponse(f"bad or conflicting Content-Length {length_text[:40]!r}")
+    length = int(single)
+    if length > _MAX_BODY:
         return None, True
     data = reader.read(length)
     if len(data) != length:
@@ -2233,6 +2234,7 @@ class FileTokenStorage(TokenStorage):
                     os.unlink(temp)
                 raise
             _fsync_directory(directory)
+            self._remove_temp_files(only_orphans=True)
 
     def load(self) -> Optional[StoredTokens]:
         import json
@@ -2265,8 +2267,31 @@ class FileTokenStorage(TokenStorage):
         )
 
     def clear(self) -> None:
-        with self._thread_lock, _suppress_os_error():
-            os.unlink(self.path)
+        with self._thread_lock:
+            with _suppress_os_error():
+                os.unlink(self.path)
+            self._remove_temp_files(only_orphans=False)
+
+    def _remove_temp_files(self, *, only_orphans: bool) -> None:
+        """Delete temporary files of interrupted saves: they hold complete token sets.
+
+        With ``only_orphans``, files of processes still running are left alone (they may be
+        saving right now).
+        """
+        directory, name = os.path.split(self.path)
+        try:
+            entries = os.listdir(directory)
+        except OSError:
+            return
+        for entry in entries:
+            parts = entry[len(name) + 1:].split(".")
+            if not (entry.startswith(name + ".") and len(parts) == 3 and parts[2] == "tmp"
+                    and parts[0].isdigit()):
+                continue
+            if only_orphans and _process_alive(int(parts[0])):
+                continue
+            with _suppress_os_error():
+                os.unlink(os.path.join(directory, entry))
 
     def lock(self) -> AbstractContextManager[Any]:
         return _FileLock(self.path + ".lock", self._thread_lock)
@@ -2304,6 +2329,18 @@ class _FileLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, ValueError, OverflowError):
+        return True  # exists but not ours, or cannot tell: leave its file alone
+    return True
 
 
 class _suppress_os_error:
@@ -2383,16 +2420,14 @@ class _StoredTokenSource(_TokenSource):
         super().__init__()
         self.storage = storage
         self.refresh = refresh
-        self._last_issued: Optional[str] = None
+        self.lifetime: Optional[float] = None  # of access tokens, once a sign-in told us
 
     def current(self) -> Optional[str]:
         tokens = self.storage.load()
         if tokens is None:
             return None
-        # A token issued with less than the margin to live is used until it expires
-        # rather than refreshed again before every call.
         if self.refresh is not None and tokens.refresh_token and tokens.expires_within(
-            0 if tokens.access_token == self._last_issued else self.EXPIRY_MARGIN
+            self._margin(tokens)
         ):
             try:
                 return self._refresh(tokens.access_token).access_token
@@ -2425,9 +2460,17 @@ class _StoredTokenSource(_TokenSource):
             if not tokens.refresh_token:
                 raise AuthError("the access token expired and no refresh token is stored",
                                 status_code=401, error_code="NO_REFRESH_TOKEN", retryable=False)
-            fresh = self.refresh(tokens.refresh_token)
-            self._last_issued = fresh.access_token
-            return fresh
+            return self.refresh(tokens.refresh_token)
+
+    def _margin(self, tokens: StoredTokens) -> float:
+        """How early to refresh: ``EXPIRY_MARGIN``, or half the life of short-lived tokens.
+
+        With tokens that live less than the margin, every call (of every client sharing
+        the storage) would otherwise refresh.
+        """
+        if self.lifetime is None:
+            return self.EXPIRY_MARGIN
+        return min(self.EXPIRY_MARGIN, self.lifetime / 2)
 
 
 class _Context:
@@ -2860,6 +2903,9 @@ class AuthClient(_Service):
                token_type: Optional[str]) -> None:
         if self.token_storage is not None:
             self.token_storage.save(_tokens_from(access, refresh, expires_in, token_type))
+        tokens = self._ctx.tokens
+        if isinstance(tokens, _StoredTokenSource) and expires_in:
+            tokens.lifetime = float(expires_in)  # tells how early refreshing makes sense
 
     def _token_pair(self, reply: _Reply) -> TokenPair:
         pair = reply.parse(TokenPair, reply.data())
