@@ -1,0 +1,694 @@
+"""Fault-injection tests of the retry layer (issue 4, "Retries that are safe").
+
+Every test talks real HTTP over loopback to ``spaps_mock`` (or to a port nobody listens on) and
+injects faults on the server side; nothing in ``urllib``/``http.client``/``socket`` is patched.
+Delays are kept tiny (``backoff_factor=0.01``) except where a test proves that a wait happened.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from email.utils import formatdate
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from spaps_client import (
+    LoggingHooks,
+    PaymentsError,
+    RetryConfig,
+    SpapsClient,
+    SpapsError,
+    SpapsTimeoutError,
+    SpapsTransportError,
+)
+from spaps_mock import MockServer
+
+API_KEY = "test_key_for_tests"
+DEMO_EMAIL = "demo@example.com"
+DEMO_PASSWORD = "demo-password"
+
+BALANCE = "/api/payments/balance"
+CHECKOUT = "/api/payments/create-checkout-session"
+INTENT = "/api/payments/create-payment-intent"
+DEPOSIT = "/api/payments/wallet-deposit"
+USAGE = "/api/usage/record"
+REFRESH = "/api/auth/refresh"
+LOGIN = "/api/auth/login"
+
+
+def fast(**overrides: Any) -> RetryConfig:
+    """Retries with back-offs of at most a few hundredths of a second."""
+    settings: dict[str, Any] = {"backoff_factor": 0.01, "max_backoff": 0.05}
+    settings.update(overrides)
+    return RetryConfig(**settings)
+
+
+class HookLog:
+    """Records every LoggingHooks callback as a tuple, in order (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self._lock = threading.Lock()
+
+    def _add(self, *event: Any) -> None:
+        with self._lock:
+            self.events.append(event)
+
+    @property
+    def hooks(self) -> LoggingHooks:
+        return LoggingHooks(
+            on_request=lambda request: self._add("request", request.method),
+            on_response=lambda request, response, elapsed, attempt: self._add(
+                "response", response.status_code, attempt
+            ),
+            on_error=lambda request, exc, attempt: self._add("error", type(exc).__name__, attempt),
+            on_retry=lambda request, attempt: self._add("retry", attempt),
+            on_backoff=lambda request, delay, attempt: self._add("backoff", delay, attempt),
+            on_give_up=lambda request, reason, attempt: self._add("give_up", reason, attempt),
+        )
+
+    def of(self, kind: str) -> list[tuple[Any, ...]]:
+        return [event for event in self.events if event[0] == kind]
+
+    def kinds(self) -> list[str]:
+        return [str(event[0]) for event in self.events]
+
+    def clear(self) -> None:
+        with self._lock:
+            self.events.clear()
+
+
+@pytest.fixture
+def log() -> HookLog:
+    return HookLog()
+
+
+@pytest.fixture
+def make_client(server: MockServer) -> Iterator[Callable[..., SpapsClient]]:
+    """Build signed-in clients against ``server`` (closed at teardown)."""
+    made: list[SpapsClient] = []
+
+    def make(*, sign_in: bool = True, base_url: str | None = None, **kwargs: Any) -> SpapsClient:
+        client = SpapsClient(base_url=base_url or server.url, api_key=API_KEY, **kwargs)
+        made.append(client)
+        if sign_in:
+            client.auth.sign_in_with_password(email=DEMO_EMAIL, password=DEMO_PASSWORD)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (connections to it are refused)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def checkout(client: SpapsClient, **kwargs: Any) -> Any:
+    return client.payments.create_checkout_session(
+        price_id="price_basic_monthly", mode="payment", success_url="https://shop.example/ok",
+        cancel_url="https://shop.example/cancel", **kwargs,
+    )
+
+
+def deposit(client: SpapsClient, **kwargs: Any) -> Any:
+    return client.payments.wallet_deposit(
+        wallet_address="0xabc0000000000000000000000000000000000001", chain_type="ethereum",
+        transaction_id="0xtx" + str(time.monotonic_ns()), amount=12.5, currency="USDC", **kwargs,
+    )
+
+
+def intent(client: SpapsClient, **kwargs: Any) -> Any:
+    return client.payments.create_payment_intent(amount=1999, currency="usd", **kwargs)
+
+
+def usage(client: SpapsClient, **kwargs: Any) -> Any:
+    return client.usage.record_usage(feature="api_calls", quantity=7, **kwargs)
+
+
+def refresh(client: SpapsClient, **kwargs: Any) -> Any:
+    tokens = client.get_tokens()
+    assert tokens is not None and tokens.refresh_token
+    return client.auth.refresh_tokens(refresh_token=tokens.refresh_token)
+
+
+def api_calls_used(client: SpapsClient) -> float:
+    features = client.usage.get_features().features
+    return next(feature.used for feature in features if feature.name == "api_calls") or 0.0
+
+
+# Non-idempotent POSTs: (id, path, call)
+POSTS = [
+    ("checkout", CHECKOUT, checkout),
+    ("wallet_deposit", DEPOSIT, deposit),
+    ("payment_intent", INTENT, intent),
+    ("refresh", REFRESH, refresh),
+    ("usage_record", USAGE, usage),
+]
+KEYED_POSTS = [post for post in POSTS if post[0] != "refresh"]
+
+
+# --- on by default --------------------------------------------------------------------------
+
+
+def test_retries_are_on_by_default(server: MockServer, signed_in: SpapsClient) -> None:
+    """A client built without retry_config rides out two 503s on a GET."""
+    assert signed_in.http_client.retry_config == RetryConfig()
+    server.inject("GET", BALANCE, {"status": 503}, {"status": 503})
+
+    balance = signed_in.payments.get_balance()
+
+    assert balance.balance.currency == "USD"
+    assert server.request_count("GET", BALANCE) == 3
+
+
+def test_default_retry_config_is_applied_even_without_arguments(client: SpapsClient) -> None:
+    config = client.http_client.retry_config
+    assert config.max_attempts >= 2
+    assert 503 in config.status_codes and 429 in config.status_codes
+    assert "GET" in config.methods and "POST" not in config.methods
+    assert config.max_backoff > 0 and config.max_retry_after > 0 and config.retry_quota > 0
+
+
+def test_transport_failure_on_get_is_retried_by_default(
+    server: MockServer, signed_in: SpapsClient
+) -> None:
+    """A GET whose connection dies before the answer is sent again (default config)."""
+    server.inject("GET", BALANCE, {"drop": "after_read"})
+
+    assert signed_in.payments.get_balance().balance.currency == "USD"
+    assert server.request_count("GET", BALANCE) == 2
+
+
+# --- Retry-After -----------------------------------------------------------------------------
+
+
+def test_retry_after_seconds_is_honoured(
+    server: MockServer, make_client: Callable[..., SpapsClient], log: HookLog
+) -> None:
+    client = make_client(retry_config=fast(), logging_hooks=log.hooks)
+    server.inject("GET", BALANCE, {"status": 503, "retry_after": "1"})
+
+    started = time.monotonic()
+    client.payments.get_balance()
+    elapsed = time.monotonic() - started
+
+    assert elapsed >= 0.9, f"retried after {elapsed:.3f}s although the server said 1 s"
+    assert server.request_count("GET", BALANCE) == 2
+    assert [delay for _, delay, _ in log.of("backoff")][-1] >= 0.9
+
+
+def test_retry_after_http_date_is_honoured(
+    server: MockServer, make_client: Callable[..., SpapsClient]
+) -> None:
+    client = make_client(retry_config=fast())
+    # HTTP-dates have one-second resolution: "now + 2 s" lies between 1 and 2 s ahead.
+    server.inject("GET", BALANCE, {"status": 503,
+                                   "retry_after": formatdate(time.time() + 2, usegmt=True)})
+
+    started = time.monotonic()
+    client.payments.get_balance()
+    elapsed = time.monotonic() - started
+
+    assert elapsed >= 0.9, f"retried after {elapsed:.3f}s although the server said ~2 s"
+    assert server.request_count("GET", BALANCE) == 2
+
+
+@pytest.mark.parametrize("method, path, call", [
+    ("GET", BALANCE, lambda client: client.payments.get_balance()),
+    ("POST", CHECKOUT, checkout),
+], ids=["get-503", "post-429"])
+def test_retry_after_above_the_cap_fails_fast_with_retry_after(
+    server: MockServer, make_client: Callable[..., SpapsClient], log: HookLog,
+    method: str, path: str, call: Callable[[SpapsClient], Any],
+) -> None:
+    client = make_client(retry_config=fast(max_retry_after=5.0), logging_hooks=log.hooks)
+    status = 503 if method == "GET" else 429
+    server.inject(method, path, {"status": status, "retry_after": "3600"})
+    log.clear()
+
+    started = time.monotonic()
+    with pytest.raises(PaymentsError) as caught:
+        call(client)
+    elapsed = time.monotonic() - started
+
+    assert elapsed < 2.0
+    assert caught.value.status_code == status
+    assert caught.value.retry_after == pytest.approx(3600, abs=1)
+    assert caught.value.retryable is True
+    assert server.request_count(method, path) == 1
+    assert log.of("give_up") and not log.of("retry")
+
+
+def test_retry_after_beyond_the_call_deadline_fails_fast(
+    server: MockServer, make_client: Callable[..., SpapsClient]
+) -> None:
+    """A wait the server asks for that the caller's budget cannot afford is not slept."""
+    client = make_client(retry_config=fast(), request_timeout=1.0)
+    server.inject("GET", BALANCE, {"status": 503, "retry_after": "20"})
+
+    started = time.monotonic()
+    with pytest.raises(PaymentsError) as caught:
+        client.payments.get_balance()
+
+    assert time.monotonic() - started < 2.0
+    assert caught.value.retry_after == pytest.approx(20, abs=1)
+    assert server.request_count("GET", BALANCE) == 1
+
+
+# --- deadline, back-off cap, quota ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", [
+    pytest.param({"status": 503, "delay": 0.3}, id="slow-503s"),
+    pytest.param({"drop": "after_read", "delay": 0.3}, id="slow-resets"),
+])
+def test_retries_never_exceed_the_call_deadline(
+    server: MockServer, make_client: Callable[..., SpapsClient], fault: dict[str, Any]
+) -> None:
+    client = make_client(retry_config=fast(max_attempts=20), request_timeout=1.0)
+    server.inject("GET", BALANCE, *([fault] * 20))
+
+    started = time.monotonic()
+    with pytest.raises(SpapsError):
+        client.payments.get_balance()
+    elapsed = time.monotonic() - started
+
+    assert elapsed < 1.6, f"a call with a 1 s budget took {elapsed:.2f}s"
+    assert 2 <= server.request_count("GET", BALANCE) <= 4
+
+
+def test_refresh_and_retry_after_401_stay_within_the_call_budget(
+    server: MockServer, make_client: Callable[..., SpapsClient]
+) -> None:
+    """The 401, the refresh and the replay are one call: together they get one budget."""
+    client = make_client(retry_config=fast(), request_timeout=1.0)
+    server.expire_access_tokens()
+    server.inject("GET", BALANCE, {"delay": 0.45, "passthrough": True},
+                  {"delay": 0.45, "passthrough": True})
+    server.inject("POST", REFRESH, {"delay": 0.45, "passthrough": True})
+
+    started = time.monotonic()
+    try:
+        client.payments.get_balance()
+        outcome = "returned"
+    except SpapsError as exc:
+        outcome = type(exc).__name__
+    elapsed = time.monotonic() - started
+
+    assert elapsed < 1.25, f"a call with a 1 s budget took {elapsed:.2f}s ({outcome})"
+    assert outcome != "returned"  # 1.35 s of server time cannot fit: the call must fail
+
+
+def test_read_timeout_on_get_respects_the_budget(
+    server: MockServer, make_client: Callable[..., SpapsClient]
+) -> None:
+    client = make_client(retry_config=fast(), request_timeout=0.5)
+    server.inject("GET", BALANCE, {"delay": 1.2})
+
+    started = time.monotonic()
+    with pytest.raises(SpapsTimeoutError) as caught:
+        client.payments.get_balance()
+
+    assert time.monotonic() - started < 1.1
+    assert caught.value.status_code is None
+
+
+def test_max_backoff_caps_every_backoff(
+    server: MockServer, make_client: Callable[..., SpapsClient], log: HookLog
+) -> None:
+    config = RetryConfig(max_attempts=3, backoff_factor=120.0, max_backoff=0.05, jitter=False)
+    client = make_client(retry_config=config, logging_hooks=log.hooks)
+    server.inject("GET", BALANCE, {"drop": "after_read"}, {"drop": "after_read"})
+    log.clear()
+
+    started = time.monotonic()
+    client.payments.get_balance()
+
+    assert time.monotonic() - started < 2.0
+    delays = [delay for _, delay, _ in log.of("backoff")]
+    assert len(delays) == 2 and all(0 < delay <= 0.05 for delay in delays), delays
+    assert server.request_count("GET", BALANCE) == 3
+
+
+def test_retry_quota_stops_a_retry_storm_against_a_dead_endpoint(
+    server: MockServer, make_client: Callable[..., SpapsClient], log: HookLog
+) -> None:
+    # 5 units per retry: a quota of 10 pays for exactly two retries across all calls.
+    client = make_client(retry_config=fast(max_attempts=5, retry_quota=10),
+                         logging_hooks=log.hooks)
+    server.inject("GET", BALANCE, *([{"drop": "after_read"}] * 40))
+    log.clear()
+
+    calls = 6
+    for _ in range(calls):
+        with pytest.raises(SpapsTransportError):
+            client.payments.get_balance()
+
+    assert server.request_count("GET", BALANCE) == calls + 2
+    reasons = [reason for _, reason, _ in log.of("give_up")]
+    assert reasons.count("retry quota exhausted") == calls
+
+
+def test_retry_quota_refills_after_successes(
+    server: MockServer, make_client: Callable[..., SpapsClient]
+) -> None:
+    """As in botocore's standard mode, successful calls pay the bucket back, so a client
+    that recovered from an outage can retry again (one unit per plain success)."""
+    client = make_client(retry_config=fast(max_attempts=3, retry_quota=10))
+    server.inject("GET", BALANCE, *([{"drop": "after_read"}] * 3))
+    with pytest.raises(SpapsTransportError):
+        client.payments.get_balance()  # two retries: the bucket is empty
+    assert server.request_count("GET", BALANCE) == 3
+
+    for _ in range(5):  # five plain successes: five units back
+        client.payments.get_balance()
+    server.reset_stats()
+    server.inject("GET", BALANCE, *([{"drop": "after_read"}] * 3))
+    with pytest.raises(SpapsTransportError):
+        client.payments.get_balance()
+
+    assert server.request_count("GET", BALANCE) == 2  # exactly one retry was affordable
+
+
+def test_retry_quota_also_bounds_connection_refused_retries(log: HookLog) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    with SpapsClient(base_url=dead, api_key=API_KEY, logging_hooks=log.hooks,
+                     retry_config=fast(max_attempts=4, retry_quota=5)) as client:
+        client.set_tokens(access_token="at_x", refresh_token="rt_x", expires_in=3600)
+        for _ in range(5):
+            with pytest.raises(SpapsTransportError):
+                client.payments.get_balance()
+
+    # One retry (5 units) for the whole client, then every call is tried exactly once.
+    assert len(log.of("error")) == 5 + 1
+    assert len(log.of("retry")) == 1
+
+
+# --- non-idempotent requests ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", [
+    pytest.param({"status": 500}, id="500"),
+    pytest.param({"drop": "after_process"}, id="reset-after-processing"),
+    pytest.param({"drop": "after_read"}, id="reset-after-reading"),
+    # A reset right after the request head is no proof either: the body may have been acted on.
+    pytest.param({"drop": "before_read"}, id="reset-before-reading"),
+    pytest.param({"delay": 0.5}, id="read-timeout"),
+])
+@pytest.mark.parametrize("name, path, call", POSTS, ids=[post[0] for post in POSTS])
+def test_post_without_idempotency_key_is_sent_exactly_once(
+    server: MockServer, make_client: Callable[..., SpapsClient], log: HookLog,
+    name: str, path: str, call: Callable[..., Any], fault: dict[str, Any],
+) -> None:
+    client = make_client(retry_config=fast(max_attempts=5), logging_hooks=log.hooks,
+                         request_timeout=0.25 if "delay" in fault else 5.0)
+    server.inject("POST", path, fault)
+    log.clear()
+
+    with pytest.raises(SpapsError) as caught:
+        call(client)
+
+    assert server.request_count("POST", path) == 1
+    assert not log.of("retry")
+    if "status" in fault:
+        assert caught.value.status_code == 500
+        assert not isinstance(caught.value, SpapsTransportError)
+    elif "delay" in fault:
+        assert isinstance(caught.value, SpapsTimeoutError)
+    else:
+        assert isinstance(caught.value, SpapsTransportError)
+        assert caught.value.status_code is None
+
+
+def test_usage_recorded_once_when_the_answer_is_lost(
+    server: MockServer, make_client: Callable[..., SpapsClient]
+) -> None:
+    client = make_client(retry_config=fast(max_attempts=5))
+    before = api_calls_used(client)
+    server.inject("POST", USAGE, {"drop": "after_process"})
+
+    with pytest.raises(SpapsTransportError):
+        usage(client)
+
+    assert api_calls_used(client) == before + 7
+    assert server.request_count("POST", USAGE) == 1
+
+
+@pytest.mark.parametrize("fault", [
+    pytest.param({"status": 500}, id="500"),
+    pytest.param({"drop": "after_read"}, id="reset-after-reading"),
+])
+@pytest.mark.parametrize("name, path, call", KEYED_POSTS, ids=[p[0] for p in KEYED_POSTS])
+def test_post_with_idempotency_key_is_retried_with_the_same_key(
+    server: MockServer, make_client: Callable[..., SpapsClient],
+    name: str, path: str, call: Callable[..., Any], fault: dict[str, Any],
+) -> None:
+    client = make_client(retry_config=fast())
+    key = f"idem-{name}-0001"
+    server.inject("POST", path, fault)
+    server.reset_stats()
+
+    call(client, idempotency_key=key)
+
+    sent = [r for r in server.requests if r.method == "POST" and r.path == path]
+    assert len(sent) == 2
+    assert [r.headers.get("x-idempotency-key") for r in sent] == [key, key]
+    assert sent[0].body == sent[1].body
+
+
+def test_keyed_usage_record_is_counted_once_although_sent_twice(
+    server: MockServer, make_client: Callable[..., SpapsClient]
+) -> None:
+    """The first attempt is processed but its answer lost; the keyed replay is deduplicated."""
+    client = make_client(retry_config=fast())
+    before = api_calls_used(client)
+    server.inject("POST", USAGE, {"drop": "after_process"})
+
+    result = usage(client, idempotency_key="usage-once-42")
+
+    assert result.feature == "api_calls"
+    assert server.request_count("POST", USAGE) == 2
+    assert api_calls_used(client) == before + 7
+
+
+def test_post_answered_429_is_retried(
+    server: MockServer, make_client: Callable[..., SpapsClient]
+) -> None:
+    client = make_client(retry_config=fast())
+    server.inject("POST", CHECKOUT, {"status": 429, "retry_after": "0"})
+
+    session = checkout(client)
+
+    assert session.checkout_url
+    assert server.request_count("POST", CHECKOUT) == 2
+
+
+def test_post_is_not_retried_on_503_without_key(
+    server: MockServer, make_client: Callable[..., SpapsClient]
+) -> None:
+    """503 does not prove the request was not acted on: a checkout is not replayed."""
+    client = make_client(retry_config=fast())
+    server.inject("POST", CHECKOUT, {"status": 503})
+
+    with pytest.raises(PaymentsError) as caught:
+        checkout(client)
+
+    assert caught.value.status_code == 503
+    assert server.request_count("POST", CHECKOUT) == 1
+
+
+def test_post_whose_connection_is_refused_is_retried(log: HookLog) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    with SpapsClient(base_url=dead, api_key=API_KEY, logging_hooks=log.hooks,
+                     retry_config=fast(max_attempts=3)) as client:
+        client.set_tokens(access_token="at_x", refresh_token="rt_x", expires_in=3600)
+        with pytest.raises(SpapsTransportError) as caught:
+            checkout(client)
+
+    assert [attempt for _, _, attempt in log.of("error")] == [1, 2, 3]
+    assert [attempt for _, attempt in log.of("retry")] == [2, 3]
+    assert log.of("give_up") == [("give_up", "attempts exhausted", 3)]
+    assert caught.value.status_code is None
+
+
+def test_post_refused_once_then_served_is_processed_exactly_once(log: HookLog) -> None:
+    """The server comes up between attempt 1 (refused) and attempt 2: one sign-in, no dupes."""
+    port = free_port()
+    late: list[MockServer] = []
+
+    def start_server_after_first_refusal(request: Any, exc: Exception, attempt: int) -> None:
+        log.events.append(("error", type(exc).__name__, attempt))
+        if attempt == 1:
+            late.append(MockServer(port=port).start())
+
+    hooks = log.hooks
+    hooks.on_error = start_server_after_first_refusal
+    try:
+        with SpapsClient(base_url=f"http://127.0.0.1:{port}", api_key=API_KEY,
+                         logging_hooks=hooks, retry_config=fast()) as client:
+            pair = client.auth.sign_in_with_password(email=DEMO_EMAIL, password=DEMO_PASSWORD)
+        assert pair.access_token
+        assert late and late[0].request_count("POST", LOGIN) == 1
+        assert log.of("error") == [("error", "SpapsTransportError", 1)]
+    finally:
+        for server in late:
+            server.stop()
+
+
+# --- stale keep-alive connections -------------------------------------------------------------
+
+
+WHITELISTED = "stale@example.com"
+
+
+def whitelist_someone(client: SpapsClient) -> None:
+    client.whitelist.add(email=WHITELISTED, tier="premium")
+
+
+# (method, raw path, setup that also leaves a pooled connection, call)
+STALE_CALLS: list[tuple[str, str, Callable[[SpapsClient], Any], Callable[[SpapsClient], Any]]]
+STALE_CALLS = [
+    ("GET", BALANCE, lambda c: c.payments.get_balance(), lambda c: c.payments.get_balance()),
+    ("GET", "/api/sessions/current", lambda c: c.payments.get_balance(),
+     lambda c: c.sessions.get_current_session()),
+    ("POST", CHECKOUT, lambda c: c.payments.get_balance(), checkout),
+    ("POST", DEPOSIT, lambda c: c.payments.get_balance(), deposit),
+    ("POST", USAGE, lambda c: c.payments.get_balance(), usage),
+    ("POST", "/api/sessions/touch", lambda c: c.payments.get_balance(),
+     lambda c: c.sessions.touch_session()),
+    ("PUT", f"/api/v1/whitelist/{WHITELISTED}", whitelist_someone,
+     lambda c: c.whitelist.update(email=WHITELISTED, tier="basic")),
+    ("DELETE", f"/api/v1/whitelist/{WHITELISTED}", whitelist_someone,
+     lambda c: c.whitelist.remove(email=WHITELISTED)),
+]
+
+
+@pytest.mark.parametrize("method, path, setup, call", STALE_CALLS,
+                         ids=[f"{m}-{p.rsplit('/', 1)[-1]}" for m, p, _, _ in STALE_CALLS])
+def test_connection_closed_while_idle_is_replaced_transparently(
+    server: MockServer, make_client: Callable[..., SpapsClient], log: HookLog,
+    method: str, path: str, setup: Callable[[SpapsClient], Any],
+    call: Callable[[SpapsClient], Any],
+) -> None:
+    # No retries at all: surviving the dead socket must not depend on the retry machinery.
+    client = make_client(retry_config=RetryConfig(max_attempts=1), logging_hooks=log.hooks)
+    setup(client)  # leaves a keep-alive connection in the pool
+    assert server.close_idle_connections() >= 1
+    server.reset_stats()
+    log.clear()
+
+    call(client)
+
+    assert server.request_count(method, path) == 1
+    assert server.connections_opened == 1
+    assert not log.of("error") and not log.of("retry")
+
+
+def test_every_pooled_connection_closed_while_idle_is_replaced(
+    server: MockServer, make_client: Callable[..., SpapsClient]
+) -> None:
+    """Several idle connections die at once; a burst of POSTs each lands exactly once."""
+    client = make_client(retry_config=RetryConfig(max_attempts=1))
+    barrier = threading.Barrier(4)
+
+    def warm() -> None:
+        barrier.wait()
+        client.payments.get_balance()
+
+    threads = [threading.Thread(target=warm) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert server.close_idle_connections() >= 1
+    server.reset_stats()
+
+    for _ in range(4):
+        usage(client)
+
+    assert server.request_count("POST", USAGE) == 4
+
+
+# --- observability ----------------------------------------------------------------------------
+
+
+def test_hooks_show_error_backoff_retry_and_success(
+    server: MockServer, make_client: Callable[..., SpapsClient], log: HookLog
+) -> None:
+    client = make_client(retry_config=fast(), logging_hooks=log.hooks)
+    server.inject("GET", BALANCE, {"drop": "after_read"})
+    log.clear()
+
+    client.payments.get_balance()
+
+    assert log.kinds() == ["request", "error", "backoff", "retry", "response"]
+    assert log.of("error")[0][1:] == ("SpapsTransportError", 1)
+    assert log.of("backoff")[0][2] == 2
+    assert log.of("retry") == [("retry", 2)]
+    assert log.of("response") == [("response", 200, 2)]
+
+
+def test_hooks_show_give_up_after_transport_failures(
+    server: MockServer, make_client: Callable[..., SpapsClient], log: HookLog
+) -> None:
+    client = make_client(retry_config=fast(max_attempts=3), logging_hooks=log.hooks)
+    server.inject("GET", BALANCE, *([{"drop": "after_read"}] * 3))
+    log.clear()
+
+    with pytest.raises(SpapsTransportError):
+        client.payments.get_balance()
+
+    assert log.kinds() == ["request", "error", "backoff", "retry", "error", "backoff", "retry",
+                           "error", "give_up"]
+    assert [event[-1] for event in log.events] == [
+        "GET", 1, 2, 2, 2, 3, 3, 3, 3,
+    ]
+    assert log.of("give_up") == [("give_up", "attempts exhausted", 3)]
+
+
+def test_hooks_show_every_response_and_the_give_up(
+    server: MockServer, make_client: Callable[..., SpapsClient], log: HookLog
+) -> None:
+    client = make_client(retry_config=fast(max_attempts=3), logging_hooks=log.hooks)
+    server.inject("GET", BALANCE, {"status": 503}, {"status": 502}, {"status": 503})
+    log.clear()
+
+    with pytest.raises(PaymentsError):
+        client.payments.get_balance()
+
+    assert log.kinds() == ["request", "response", "backoff", "retry", "response", "backoff",
+                           "retry", "response", "give_up"]
+    assert [r[1:] for r in log.of("response")] == [(503, 1), (502, 2), (503, 3)]
+    assert log.of("give_up") == [("give_up", "attempts exhausted", 3)]
+
+
+def test_hooks_fire_once_per_call_for_a_plain_success(
+    server: MockServer, make_client: Callable[..., SpapsClient], log: HookLog
+) -> None:
+    client = make_client(logging_hooks=log.hooks)
+    log.clear()
+
+    client.payments.get_balance()
+
+    assert log.events == [("request", "GET"), ("response", 200, 1)]
+
+
+def test_a_broken_hook_does_not_break_the_call(
+    server: MockServer, make_client: Callable[..., SpapsClient]
+) -> None:
+    def explode(*args: Any) -> None:
+        raise RuntimeError("hook failure")
+
+    hooks = LoggingHooks(on_request=explode, on_response=explode, on_error=explode,
+                         on_retry=explode, on_backoff=explode, on_give_up=explode)
+    client = make_client(retry_config=fast(), logging_hooks=hooks)
+    server.inject("GET", BALANCE, {"drop": "after_read"})
+
+    assert client.payments.get_balance().balance.currency == "USD"
