@@ -2716,6 +2716,8 @@ class _Service:
             raise reply.invalid(f"the body is not JSON ({_content_type(result)})") from None
         if not isinstance(body, dict):
             raise reply.invalid(f"the body is JSON {_kind(body)}, expected an object")
+        if body.get("success") is False:  # an error envelope, whatever the status says
+            raise self._status_error(result)
         reply.body = body
         return reply
 

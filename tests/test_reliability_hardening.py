@@ -443,6 +443,8 @@ def test_success_false_on_2xx_is_not_taken_for_success(
             cancel_url="https://a.example/no")
 
     assert caught.value.status_code == 200
+    assert caught.value.error_code == "CARD_DECLINED"
+    assert str(caught.value) == "no"
 
 
 @pytest.mark.parametrize("status, body", [
