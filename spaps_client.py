@@ -21,8 +21,9 @@ Quick start::
         spaps.auth.sign_in_with_password(email="a@example.com", password="...")
         print(spaps.sessions.get_current_session().session_id)
 
-Sections, top-down: configuration, errors, transport, models, token storage,
-services, webhooks, aggregate clients, command line.
+Sections, top-down: lazy dataclasses, configuration, errors, transport, models,
+token storage, services (sync, then the async classes derived from them),
+webhooks, aggregate clients, command line.
 """
 
 from __future__ import annotations

@@ -179,11 +179,16 @@ def make_certificates(directory: Path, notes: List[str]) -> Optional[Dict[str, s
         "keyUsage=digitalSignature,keyEncipherment\n"
         "extendedKeyUsage=serverAuth\n"
         "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+        "subjectKeyIdentifier=hash\n"
+        "authorityKeyIdentifier=keyid,issuer\n"
     )
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     steps = [
         [openssl, "req", "-x509", *ec, "-keyout", ca_key, "-out", ca_pem, "-days", "2",
-         "-subj", "/CN=spaps benchmark CA"],
+         "-subj", "/CN=spaps benchmark CA",
+         # Python 3.13 verifies strictly (VERIFY_X509_STRICT): a CA must say it is one.
+         "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
         [openssl, "req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=localhost"],
         [openssl, "x509", "-req", "-in", csr, "-CA", ca_pem, "-CAkey", ca_key,
          "-CAcreateserial", "-out", pem, "-days", "2", "-extfile", extensions],
