@@ -1039,17 +1039,12 @@ class _Store:
 
 
 def _token_user(user: _User) -> _Json:
+    """The user inside a token pair: the registration shape plus the primary wallet."""
     first = user.wallets[0] if user.wallets else None
     return {
-        "id": user.id,
-        "email": user.email,
-        "username": user.username,
-        "phone_number": user.phone_number,
-        "tier": user.tier,
-        "email_confirmed": user.email_confirmed,
+        **_registration_user(user),
         "wallet_address": first["wallet_address"] if first else None,
         "chain": first.get("chain_type") if first else None,
-        "wallets": user.wallet_addresses(),
     }
 
 
