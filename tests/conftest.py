@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from typing import Iterator
+import threading
+from typing import Iterator, List
 
 import pytest
 
@@ -20,10 +22,32 @@ DEMO_PASSWORD = "demo-password"
 API_KEY = "test_key_for_tests"
 
 
+_STOPPERS: List[threading.Thread] = []
+
+
+@contextlib.contextmanager
+def quick_server() -> Iterator[MockServer]:
+    """A fresh emulator whose shutdown (about 50 ms of polling) runs while later tests do.
+
+    Each test still gets its own server on its own port; a bounded number of finished servers
+    may be winding down in the background at any time.
+    """
+    _STOPPERS[:] = [stopper for stopper in _STOPPERS if stopper.is_alive()]
+    while len(_STOPPERS) >= 16:
+        _STOPPERS.pop(0).join(timeout=5)
+    mock = MockServer().start()
+    try:
+        yield mock
+    finally:
+        stopper = threading.Thread(target=mock.stop, name="spaps_mock-stop", daemon=True)
+        stopper.start()
+        _STOPPERS.append(stopper)
+
+
 @pytest.fixture
 def server() -> Iterator[MockServer]:
-    """A fresh emulator on a free loopback port."""
-    with MockServer() as mock:
+    """A fresh emulator on a free loopback port; its shutdown overlaps the next test."""
+    with quick_server() as mock:
         yield mock
 
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import threading
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from conftest import API_KEY, DEMO_EMAIL, DEMO_PASSWORD
 
@@ -29,28 +28,6 @@ _PLAIN_METHODS = frozenset(
 
 # The x-request-id the emulator is told to send (see ``tag_request_id``).
 REQUEST_ID = "req_header_wins_0001"
-
-
-_STOPPERS: List[threading.Thread] = []
-
-
-@contextlib.contextmanager
-def quick_server() -> Iterator[MockServer]:
-    """A fresh emulator whose shutdown (about 50 ms of polling) runs while later tests do.
-
-    Each test still gets its own server on its own port; a bounded number of finished servers
-    may be winding down in the background at any time.
-    """
-    _STOPPERS[:] = [stopper for stopper in _STOPPERS if stopper.is_alive()]
-    while len(_STOPPERS) >= 16:
-        _STOPPERS.pop(0).join(timeout=5)
-    mock = MockServer().start()
-    try:
-        yield mock
-    finally:
-        stopper = threading.Thread(target=mock.stop, name="spaps_mock-stop", daemon=True)
-        stopper.start()
-        _STOPPERS.append(stopper)
 
 
 class Twin:

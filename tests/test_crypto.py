@@ -21,7 +21,6 @@ from service_twin import (
     assert_service_error,
     demo_token,
     last_request,
-    quick_server,
     standalone,
     tag_request_id,
 )
@@ -41,13 +40,6 @@ from spaps_mock import MockServer
 
 INVOICES = "/api/payments/crypto/invoices"
 RECONCILE = "/api/payments/crypto/reconcile"
-
-
-@pytest.fixture
-def server() -> Iterator[MockServer]:
-    """A fresh emulator per test; its shutdown overlaps the next test (see quick_server)."""
-    with quick_server() as mock:
-        yield mock
 
 
 @pytest.fixture(params=SURFACES)

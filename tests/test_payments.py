@@ -19,7 +19,6 @@ from service_twin import (
     close,
     demo_token,
     last_request,
-    quick_server,
     standalone,
     tag_request_id,
 )
@@ -55,13 +54,6 @@ CHECKOUT_ARGS: Dict[str, Any] = {
     "success_url": "https://example.com/success?x=1",
     "cancel_url": "https://example.com/cancel",
 }
-
-
-@pytest.fixture
-def server() -> Iterator[MockServer]:
-    """A fresh emulator per test; its shutdown overlaps the next test (see quick_server)."""
-    with quick_server() as mock:
-        yield mock
 
 
 @pytest.fixture(params=SURFACES)

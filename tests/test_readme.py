@@ -13,23 +13,15 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import List, Tuple
 
 import pytest
 from conftest import API_KEY, ROOT
-from service_twin import quick_server
 
 from spaps_mock import MockServer
 
 SKIP_MARKER = "<!-- requires-real-spaps -->"
 _FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([^\s`]*)")
-
-
-@pytest.fixture
-def server() -> Iterator[MockServer]:
-    """A fresh emulator per test; its shutdown overlaps the next test (see quick_server)."""
-    with quick_server() as mock:
-        yield mock
 
 
 def extract_blocks(text: str) -> List[Tuple[int, str, bool]]:

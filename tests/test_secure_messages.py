@@ -18,7 +18,6 @@ from service_twin import (
     close,
     demo_token,
     last_request,
-    quick_server,
     standalone,
     tag_request_id,
 )
@@ -27,13 +26,6 @@ from spaps_client import SecureMessage, SecureMessagesError
 from spaps_mock import MockServer
 
 MESSAGES = "/api/secure-messages"
-
-
-@pytest.fixture
-def server() -> Iterator[MockServer]:
-    """A fresh emulator per test; its shutdown overlaps the next test (see quick_server)."""
-    with quick_server() as mock:
-        yield mock
 
 
 @pytest.fixture(params=SURFACES)

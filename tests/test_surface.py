@@ -10,7 +10,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 from conftest import API_KEY, DEMO_EMAIL, DEMO_PASSWORD, ROOT
@@ -22,7 +22,6 @@ from service_twin import (
     close,
     demo_token,
     last_request,
-    quick_server,
     standalone,
 )
 
@@ -66,13 +65,6 @@ CONTRACT_ALL = [
 
 SERVICE_ERRORS = ["AuthError", "SessionError", "PaymentsError", "CryptoPaymentsError",
                   "UsageError", "WhitelistError", "SecureMessagesError"]
-
-
-@pytest.fixture
-def server() -> Iterator[MockServer]:
-    """A fresh emulator per test; its shutdown overlaps the next test (see quick_server)."""
-    with quick_server() as mock:
-        yield mock
 
 
 def test_contract_names_are_all_exported() -> None:

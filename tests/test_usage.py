@@ -15,7 +15,6 @@ from service_twin import (
     assert_no_body,
     assert_service_error,
     last_request,
-    quick_server,
     tag_request_id,
 )
 
@@ -35,13 +34,6 @@ from spaps_mock import MockServer
 FEATURES = "/api/usage/features"
 RECORD = "/api/usage/record"
 HISTORY = "/api/usage/history"
-
-
-@pytest.fixture
-def server() -> Iterator[MockServer]:
-    """A fresh emulator per test; its shutdown overlaps the next test (see quick_server)."""
-    with quick_server() as mock:
-        yield mock
 
 
 @pytest.fixture(params=SURFACES)

@@ -18,7 +18,6 @@ from service_twin import (
     close,
     demo_token,
     last_request,
-    quick_server,
     standalone,
     tag_request_id,
 )
@@ -35,13 +34,6 @@ from spaps_mock import MockServer
 PREFIX = "/api/v1/whitelist"
 CHECK = PREFIX + "/check"
 TAGGED = "user+tag@example.com"
-
-
-@pytest.fixture
-def server() -> Iterator[MockServer]:
-    """A fresh emulator per test; its shutdown overlaps the next test (see quick_server)."""
-    with quick_server() as mock:
-        yield mock
 
 
 @pytest.fixture(params=SURFACES)
