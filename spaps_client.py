@@ -132,10 +132,12 @@ _USER_AGENT = (
 #
 # Settings, configs, tokens and every response model are dataclasses, but
 # building ~50 of them (and importing ``dataclasses``, which pulls in
-# ``inspect``) would double the import time that Lambda users pay on every
-# cold start. Each class is turned into a real dataclass the first time it is
-# used: instantiated, validated, or inspected with ``dataclasses.fields()`` /
-# ``is_dataclass()``. Type checkers see ordinary dataclasses.
+# ``inspect``) would triple the import time that Lambda users pay on every
+# cold start. So the classes are declared as dataclasses (type checkers see
+# exactly that) and work from their own annotations (``_schema``): they are
+# constructed, compared, printed and parsed without the ``dataclasses``
+# module. The first time anything introspects one (``dataclasses.fields()``,
+# ``is_dataclass()``, ``asdict()``), it is turned into the real dataclass.
 
 if not TYPE_CHECKING:
 
@@ -159,6 +161,42 @@ if not TYPE_CHECKING:
 _DATACLASS_ATTRIBUTES = frozenset({"__dataclass_fields__", "__dataclass_params__",
                                    "__match_args__"})
 _MATERIALIZE_LOCK = _thread.RLock()
+_NO_DEFAULT: Any = object()
+
+
+class _FieldInfo:
+    """One declared field: name, annotation text, default or factory, alias, repr."""
+
+    __slots__ = ("alias", "annotation", "default", "factory", "name", "repr")
+
+    def __init__(self, name: str, annotation: str, declared: Any) -> None:
+        self.name = name
+        self.annotation = annotation
+        options = declared.options if type(declared).__name__ == "_FieldLater" else (
+            {} if declared is _NO_DEFAULT else {"default": declared})
+        self.default = options.get("default", _NO_DEFAULT)
+        self.factory: Optional[Callable[[], Any]] = options.get("default_factory")
+        self.alias: Optional[str] = options.get("metadata", {}).get("alias")
+        self.repr: bool = options.get("repr", True)
+
+
+def _schema(cls: type) -> Tuple[_FieldInfo, ...]:
+    """The fields ``cls`` declares, in order, read from its annotations once."""
+    schema: Optional[Tuple[_FieldInfo, ...]] = cls.__dict__.get("_spaps_schema")
+    if schema is None:
+        with _MATERIALIZE_LOCK:  # read the declarations before materializing can change them
+            schema = cls.__dict__.get("_spaps_schema")
+            if schema is None:
+                # The class's own annotations (getattr alone may see a base's on 3.9; the
+                # fallback serves Pythons that build annotations lazily).
+                annotations = (cls.__dict__.get("__annotations__")  # noqa: RUF063
+                               or getattr(cls, "__annotations__", {}))
+                schema = tuple(
+                    _FieldInfo(name, str(text), cls.__dict__.get(name, _NO_DEFAULT))
+                    for name, text in annotations.items()
+                )
+                type.__setattr__(cls, "_spaps_schema", schema)
+    return schema
 
 
 class _LazyDataclassMeta(type):
@@ -181,6 +219,7 @@ def _materialize(cls: type) -> None:
     with _MATERIALIZE_LOCK:
         if "__dataclass_fields__" in cls.__dict__:
             return
+        _schema(cls)
         for name, value in list(vars(cls).items()):
             if type(value).__name__ == "_FieldLater":
                 setattr(cls, name, dataclasses.field(**value.options))
@@ -188,32 +227,47 @@ def _materialize(cls: type) -> None:
 
 
 class _LazyDataclass(metaclass=_LazyDataclassMeta):
-    """Base of the lazily built dataclasses; ``repr`` and ``==`` work field by field."""
+    """Base of the lazily built dataclasses: ``__init__``, ``repr`` and ``==`` by field."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         cls = type(self)
-        _materialize(cls)
-        if cls.__init__ is _LazyDataclass.__init__:
-            raise TypeError(f"{cls.__name__} is not a dataclass")
-        cls.__init__(self, *args, **kwargs)
+        schema = _schema(cls)
+        if len(args) > len(schema):
+            raise TypeError(f"{cls.__name__}() takes {len(schema)} positional arguments "
+                            f"but {len(args)} were given")
+        for info, value in zip(schema, args):
+            if info.name in kwargs:
+                raise TypeError(f"{cls.__name__}() got multiple values for {info.name!r}")
+            kwargs[info.name] = value
+        for info in schema:
+            if info.name in kwargs:
+                value = kwargs.pop(info.name)
+            elif info.factory is not None:
+                value = info.factory()
+            elif info.default is not _NO_DEFAULT:
+                value = info.default
+            else:
+                raise TypeError(f"{cls.__name__}() missing required argument {info.name!r}")
+            object.__setattr__(self, info.name, value)
+        if kwargs:
+            raise TypeError(f"{cls.__name__}() got unexpected keyword arguments "
+                            f"{sorted(kwargs)!r}")
+        post_init = getattr(self, "__post_init__", None)
+        if post_init is not None:
+            post_init()
 
     def __repr__(self) -> str:
         shown = ", ".join(
-            f"{f.name}={getattr(self, f.name)!r}" for f in _fields_of(self) if f.repr
+            f"{info.name}={getattr(self, info.name)!r}" for info in _schema(type(self))
+            if info.repr
         )
         return f"{type(self).__name__}({shown})"
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
-        return all(getattr(self, f.name) == getattr(other, f.name) for f in _fields_of(self))
-
-
-def _fields_of(obj: Any) -> Tuple[Any, ...]:
-    import dataclasses
-
-    _materialize(obj if isinstance(obj, type) else type(obj))
-    return dataclasses.fields(obj)
+        return all(getattr(self, info.name) == getattr(other, info.name)
+                   for info in _schema(type(self)))
 
 
 # =============================================================================
@@ -1400,11 +1454,11 @@ class _Model(_LazyDataclass):
     def model_dump(self, *, by_alias: bool = False, exclude_none: bool = False) -> Dict[str, Any]:
         """The model as a dict keyed by attribute names (or JSON names with ``by_alias``)."""
         out: Dict[str, Any] = {}
-        for f in _fields_of(self):
-            value = _dump(getattr(self, f.name), by_alias, exclude_none)
+        for info in _schema(type(self)):
+            value = _dump(getattr(self, info.name), by_alias, exclude_none)
             if value is None and exclude_none:
                 continue
-            out[f.metadata.get("alias", f.name) if by_alias else f.name] = value
+            out[(info.alias or info.name) if by_alias else info.name] = value
         return out
 
     @classmethod
@@ -1413,17 +1467,11 @@ class _Model(_LazyDataclass):
 
     @classmethod
     def _build_specs(cls) -> Tuple[_FieldSpec, ...]:
-        import typing
-        from dataclasses import MISSING
-
-        # The annotations name typing's generics, which this module imports for checkers only.
-        hints = typing.get_type_hints(cls, localns=dict(vars(typing), datetime=datetime))
         specs = []
-        for f in _fields_of(cls):
-            alias = f.metadata.get("alias")
-            keys = (alias, f.name) if alias else (f.name,)
-            required = f.default is f.default_factory is MISSING
-            specs.append(_FieldSpec(f.name, keys, _converter(hints[f.name]), required))
+        for info in _schema(cls):
+            keys = (info.alias, info.name) if info.alias else (info.name,)
+            required = info.default is _NO_DEFAULT and info.factory is None
+            specs.append(_FieldSpec(info.name, keys, _converter(info.annotation), required))
         cls.__spaps_fields__ = tuple(specs)
         return cls.__spaps_fields__
 
@@ -1453,24 +1501,27 @@ def _dump(value: Any, by_alias: bool, exclude_none: bool) -> Any:
     return value
 
 
-def _converter(hint: Any) -> Callable[[Any], Any]:
-    """A function that converts a JSON value to the annotated type or raises ValueError."""
-    import typing
+def _converter(annotation: str) -> Callable[[Any], Any]:
+    """A function that converts a JSON value to the annotated type or raises ValueError.
 
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is typing.Union:
-        inner = [arg for arg in args if arg is not type(None)]
-        convert = _converter(inner[0])
+    Reads the annotation text (annotations are strings here) in the small grammar the
+    models use: ``Optional[X]``, ``List[X]``, ``Dict[...]``, scalars and model names.
+    """
+    text = annotation.strip()
+    if text.startswith("Optional[") and text.endswith("]"):
+        convert = _converter(text[len("Optional["):-1])
         return lambda value: None if value is None else convert(value)
-    if origin is list:
-        item = _converter(args[0]) if args else (lambda value: value)
+    if text.startswith("List[") and text.endswith("]"):
+        item = _converter(text[len("List["):-1])
         return lambda value: [item(v) for v in _expect(value, list, "a list")]
-    if origin is dict or hint is dict:
+    if text.startswith("Dict[") or text == "dict":
         return lambda value: dict(_expect(value, dict, "an object"))
-    if isinstance(hint, type) and issubclass(hint, _Model):
-        return hint.model_validate
-    return _SCALARS.get(hint, lambda value: value)
+    if text in _SCALARS:
+        return _SCALARS[text]
+    model = globals().get(text)
+    if isinstance(model, type) and issubclass(model, _Model):
+        return model.model_validate
+    raise TypeError(f"no converter for annotation {annotation!r}")
 
 
 def _expect(value: Any, kind: type, label: str) -> Any:
@@ -1598,8 +1649,9 @@ def _from_epoch(seconds: float) -> datetime:
         raise ValueError(f"epoch timestamp out of range: {seconds!r}") from None
 
 
-_SCALARS: Dict[Any, Callable[[Any], Any]] = {
-    str: _to_str, int: _to_int, float: _to_float, bool: _to_bool, datetime: _to_datetime,
+_SCALARS: Dict[str, Callable[[Any], Any]] = {
+    "str": _to_str, "int": _to_int, "float": _to_float, "bool": _to_bool,
+    "datetime": _to_datetime, "Any": lambda value: value,
 }
 
 
