@@ -1431,25 +1431,28 @@ class _Model(_LazyDataclass):
         """Build an instance from a mapping (or return ``obj`` if it already is one)."""
         if isinstance(obj, cls):
             return obj
-        if not isinstance(obj, Mapping):
+        if type(obj) is not dict and not isinstance(obj, Mapping):
             raise ValueError(f"{cls.__name__}: expected a JSON object, got {_kind(obj)}")
         obj = cls._prepare(obj)
         specs = cls.__dict__.get("__spaps_fields__") or cls._build_specs()
-        values: Dict[str, Any] = {}
+        # Filled in directly rather than through __init__: this runs on every reply.
+        model = cls.__new__(cls)
+        values = model.__dict__
         for spec in specs:
             for key in spec.keys:
                 if key in obj:
                     raw = obj[key]
                     break
             else:
-                if spec.required:
+                if spec.default is None:
                     raise ValueError(f"{cls.__name__}.{spec.name}: missing required field")
+                values[spec.name] = spec.default()
                 continue
             try:
                 values[spec.name] = spec.convert(raw)
             except (ValueError, OverflowError) as exc:  # float(10**400) overflows
                 raise ValueError(f"{cls.__name__}.{spec.name}: {exc}") from None
-        return cls(**values)
+        return model
 
     def model_dump(self, *, by_alias: bool = False, exclude_none: bool = False) -> Dict[str, Any]:
         """The model as a dict keyed by attribute names (or JSON names with ``by_alias``)."""
@@ -1470,21 +1473,25 @@ class _Model(_LazyDataclass):
         specs = []
         for info in _schema(cls):
             keys = (info.alias, info.name) if info.alias else (info.name,)
-            required = info.default is _NO_DEFAULT and info.factory is None
-            specs.append(_FieldSpec(info.name, keys, _converter(info.annotation), required))
+            default: Optional[Callable[[], Any]] = info.factory
+            if default is None and info.default is not _NO_DEFAULT:
+                default = (lambda value: lambda: value)(info.default)
+            specs.append(_FieldSpec(info.name, keys, _converter(info.annotation), default))
         cls.__spaps_fields__ = tuple(specs)
         return cls.__spaps_fields__
 
 
 class _FieldSpec:
-    __slots__ = ("convert", "keys", "name", "required")
+    """How ``model_validate`` fills one field: JSON keys, converter, default (None: required)."""
+
+    __slots__ = ("convert", "default", "keys", "name")
 
     def __init__(self, name: str, keys: Tuple[str, ...], convert: Callable[[Any], Any],
-                 required: bool) -> None:
+                 default: Optional[Callable[[], Any]]) -> None:
         self.name = name
         self.keys = keys
         self.convert = convert
-        self.required = required
+        self.default = default
 
 
 def _kind(value: Any) -> str:
@@ -1531,7 +1538,7 @@ def _expect(value: Any, kind: type, label: str) -> Any:
 
 
 def _to_str(value: Any) -> str:
-    if isinstance(value, str):
+    if type(value) is str:  # the common case first: this runs for most fields of a reply
         return value
     # Numbers are accepted for text fields: an id sent as 42 is still the id "42".
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -1592,12 +1599,13 @@ _ISO_PATTERN: Any = None
 
 def _to_datetime(value: Any) -> datetime:
     """Parse ISO-8601 (``Z``, offsets, date-only, space separator) or Unix epoch numbers."""
-    if isinstance(value, datetime):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return _from_epoch(value)
-    if not isinstance(value, str):
-        raise ValueError(f"expected a date-time, got {_kind(value)}")
+    if type(value) is not str:
+        if isinstance(value, datetime):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return _from_epoch(value)
+        if not isinstance(value, str):
+            raise ValueError(f"expected a date-time, got {_kind(value)}")
     text = value.strip()
     if len(text) >= 10 and text[4] == "-":
         try:  # the C parser handles the common shapes; the pattern below handles the rest
@@ -2764,7 +2772,7 @@ class _Service:
         if not result.body:
             raise reply.invalid("the body is empty")
         try:
-            body = json.loads(result.body)
+            body = json.loads(result.body.decode("utf-8"))
         except (ValueError, RecursionError):  # invalid UTF-8 too; absurd nesting too
             raise reply.invalid(f"the body is not JSON ({_content_type(result)})") from None
         if not isinstance(body, dict):
