@@ -115,8 +115,9 @@ __all__ = [
     # webhooks
     "verify_crypto_webhook_signature", "verify_spaps_webhook", "generate_test_signature",
     # aggregate clients
-    "SpapsClient", "AsyncSpapsClient",
-    "main",
+    "SpapsClient", "AsyncSpapsClient", "ASYNC_WORKERS",
+    # command line
+    "main", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_UNREACHABLE", "EXIT_NOT_SIGNED_IN",
 ]
 
 
