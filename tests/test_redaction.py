@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import socket
 from typing import Any, Iterable, List, Tuple
 
 import pytest
 from conftest import API_KEY, DEMO_EMAIL, DEMO_PASSWORD
+from loopback import closed_port
 
 from spaps_client import (
     AuthError,
@@ -65,12 +65,6 @@ class Recorder:
                     out.append(item.url)
                     out.append(repr(item.headers))
         return out
-
-
-def closed_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --------------------------------------------------------------------------------------------

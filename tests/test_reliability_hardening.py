@@ -7,13 +7,10 @@ TLS), from a purpose-built server in this file.  Everything is real HTTP(S) over
 
 from __future__ import annotations
 
-import http.server
 import json
 import logging
-import shutil
 import socket
 import ssl
-import subprocess
 import threading
 import time
 import traceback
@@ -21,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
 
 import pytest
+from loopback import QuietHandler, QuietServer, self_signed_certificate, timed_call
 
 from spaps_client import (
     AuthError,
@@ -68,23 +66,11 @@ class Seen(NamedTuple):
 Responder = Callable[["_Handler", Seen], None]
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(QuietHandler):
     server: _Server
 
-    def setup(self) -> None:
-        super().setup()
-        # Head and body go out in separate writes: without this, Nagle + delayed ACK stall.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
     def _any(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        seen = Seen(self.command, self.path, {k.lower(): v for k, v in self.headers.items()},
-                    body)
+        seen = Seen(self.command, self.path, self.lower_headers(), self.read_body())
         self.server.owner.requests.append(seen)
         try:
             self.server.owner.respond(self, seen)
@@ -105,8 +91,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(QuietServer):
     owner: RawServer
 
 
@@ -121,7 +106,7 @@ class RawServer:
         self._httpd.owner = self
         if tls is not None:
             self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True)
-        self.port = int(self._httpd.server_address[1])
+        self.port = self._httpd.port
         self.scheme = "https" if tls is not None else "http"
         self._thread = threading.Thread(target=self._httpd.serve_forever,
                                         kwargs={"poll_interval": 0.05}, daemon=True)
@@ -417,13 +402,7 @@ def trickle(what: str) -> Responder:
 @pytest.mark.parametrize("what", ["headers", "body"])
 def test_trickling_server_cannot_stretch_the_call_deadline(what: str) -> None:
     with RawServer(trickle(what)) as raw, raw_client(raw.url, request_timeout=0.5) as client:
-        started = time.monotonic()
-        try:
-            client.payments.get_balance()
-            outcome = "returned"
-        except SpapsError as exc:
-            outcome = type(exc).__name__
-        elapsed = time.monotonic() - started
+        elapsed, outcome = timed_call(client.payments.get_balance)
     assert elapsed < 1.0, f"a call with a 0.5 s budget took {elapsed:.2f}s ({outcome})"
     assert outcome == "SpapsTimeoutError"
 
@@ -718,13 +697,7 @@ def test_redirect_chain_cannot_stretch_the_call_deadline() -> None:
             handler.send(200, balance)
 
     with RawServer(respond) as raw, raw_client(raw.url, request_timeout=0.5) as client:
-        started = time.monotonic()
-        try:
-            client.payments.get_balance()
-            outcome = "returned"
-        except SpapsError as exc:
-            outcome = type(exc).__name__
-        elapsed = time.monotonic() - started
+        elapsed, outcome = timed_call(client.payments.get_balance)
     assert elapsed < 1.0, f"a call with a 0.5 s budget took {elapsed:.2f}s ({outcome})"
     assert outcome == "SpapsTimeoutError"
 
@@ -732,20 +705,8 @@ def test_redirect_chain_cannot_stretch_the_call_deadline() -> None:
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 (made with the openssl command line)."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl command line not available")
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    done = subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
-         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-        capture_output=True, check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"openssl could not make a certificate: {done.stderr.decode()[:200]}")
-    return cert, key
+    return self_signed_certificate(tmp_path_factory.mktemp("tls"), "/CN=127.0.0.1",
+                                   "subjectAltName=IP:127.0.0.1")
 
 
 def server_tls(files: tuple[Path, Path]) -> ssl.SSLContext:

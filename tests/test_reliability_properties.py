@@ -10,15 +10,14 @@ subclass, and an error for an error status carries that status and the request i
 from __future__ import annotations
 
 import copy
-import http.server
 import json
-import socket
 import threading
 from typing import Any, Callable, Iterator, Tuple
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from loopback import QuietHandler, QuietServer, serving
 
 from spaps_client import RetryConfig, SpapsClient, SpapsError
 
@@ -38,22 +37,11 @@ class _Reply:
         self.lock = threading.Lock()
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(QuietHandler):
     server: _Server
 
-    def setup(self) -> None:
-        super().setup()
-        # Head and body go out in separate writes: without this, Nagle + delayed ACK stall.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
     def _any(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length:
-            self.rfile.read(length)
+        self.read_body()
         reply = self.server.reply
         with reply.lock:
             status, body = reply.status, reply.body
@@ -69,8 +57,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = _any
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(QuietServer):
     reply: _Reply
 
 
@@ -78,17 +65,13 @@ class _Server(http.server.ThreadingHTTPServer):
 def echo() -> Iterator[_Server]:
     httpd = _Server(("127.0.0.1", 0), _Handler)
     httpd.reply = _Reply()
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(httpd):
+        yield httpd
 
 
 @pytest.fixture(scope="module")
 def client(echo: _Server) -> Iterator[SpapsClient]:
-    url = f"http://127.0.0.1:{echo.server_address[1]}"
+    url = f"http://127.0.0.1:{echo.port}"
     with SpapsClient(base_url=url, api_key=API_KEY,
                      retry_config=RetryConfig(max_attempts=1)) as spaps:
         yield spaps

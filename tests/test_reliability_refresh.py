@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+from loopback import client_factory
 
 from spaps_client import (
     AsyncSpapsClient,
@@ -54,21 +55,24 @@ def snapshot(tokens: StoredTokens | None) -> tuple[Any, ...]:
     return (tokens.access_token, tokens.refresh_token, tokens.expires_at, tokens.token_type)
 
 
+def expire_in(client: SpapsClient, *, seconds: float) -> StoredTokens:
+    """Store the client's tokens again with expires_at ``seconds`` from now; return them."""
+    tokens = client.get_tokens()
+    assert tokens is not None and tokens.refresh_token
+    client.set_tokens(access_token=tokens.access_token, refresh_token=tokens.refresh_token,
+                      expires_at=datetime.now(timezone.utc) + timedelta(seconds=seconds))
+    return tokens
+
+
 @pytest.fixture
 def make_client(server: MockServer) -> Iterator[Callable[..., SpapsClient]]:
-    made: list[SpapsClient] = []
+    with client_factory(server.url, API_KEY) as make:
+        def make_fast(**kwargs: Any) -> SpapsClient:
+            kwargs.setdefault("retry_config",
+                              RetryConfig(backoff_factor=0.01, max_backoff=0.05))
+            return make(**kwargs)
 
-    def make(*, sign_in: bool = True, **kwargs: Any) -> SpapsClient:
-        kwargs.setdefault("retry_config", RetryConfig(backoff_factor=0.01, max_backoff=0.05))
-        client = SpapsClient(base_url=server.url, api_key=API_KEY, **kwargs)
-        made.append(client)
-        if sign_in:
-            client.auth.sign_in_with_password(email=DEMO_EMAIL, password=DEMO_PASSWORD)
-        return client
-
-    yield make
-    for client in made:
-        client.close()
+        yield make_fast
 
 
 # --- proactive and reactive refresh -----------------------------------------------------------
@@ -103,10 +107,7 @@ def test_refresh_before_expiry_uses_the_stored_expiry(
 ) -> None:
     """Tokens stored with a near expires_at (e.g. restored from disk) are refreshed first."""
     client = make_client()
-    tokens = client.get_tokens()
-    assert tokens is not None and tokens.refresh_token
-    client.set_tokens(access_token=tokens.access_token, refresh_token=tokens.refresh_token,
-                      expires_at=datetime.now(timezone.utc) + timedelta(seconds=3))
+    tokens = expire_in(client, seconds=3)
     server.reset_stats()
 
     client.sessions.get_current_session()
@@ -209,10 +210,7 @@ def test_failed_refresh_of_an_expired_token_raises_and_keeps_the_tokens(
 ) -> None:
     """The proactive path: the stored token is already past expires_at and refresh fails."""
     client = make_client()
-    tokens = client.get_tokens()
-    assert tokens is not None and tokens.refresh_token
-    client.set_tokens(access_token=tokens.access_token, refresh_token=tokens.refresh_token,
-                      expires_at=datetime.now(timezone.utc) - timedelta(seconds=5))
+    expire_in(client, seconds=-5)
     before = snapshot(client.get_tokens())
     server.inject("POST", REFRESH, {"status": 401, "code": "INVALID_REFRESH"})
 
@@ -278,10 +276,7 @@ def test_fifty_threads_near_expiry_refresh_once(
 ) -> None:
     """The proactive path is single-flight too (every thread sees 'expires soon')."""
     client = make_client()
-    tokens = client.get_tokens()
-    assert tokens is not None and tokens.refresh_token
-    client.set_tokens(access_token=tokens.access_token, refresh_token=tokens.refresh_token,
-                      expires_at=datetime.now(timezone.utc) + timedelta(seconds=5))
+    expire_in(client, seconds=5)
 
     errors = run_in_threads(50, client.payments.get_balance)
 

@@ -7,13 +7,13 @@ Delays are kept tiny (``backoff_factor=0.01``) except where a test proves that a
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from email.utils import formatdate
 from typing import Any, Callable, Iterator
 
 import pytest
+from loopback import client_factory, closed_port, timed_call
 
 from spaps_client import (
     LoggingHooks,
@@ -89,25 +89,8 @@ def log() -> HookLog:
 @pytest.fixture
 def make_client(server: MockServer) -> Iterator[Callable[..., SpapsClient]]:
     """Build signed-in clients against ``server`` (closed at teardown)."""
-    made: list[SpapsClient] = []
-
-    def make(*, sign_in: bool = True, base_url: str | None = None, **kwargs: Any) -> SpapsClient:
-        client = SpapsClient(base_url=base_url or server.url, api_key=API_KEY, **kwargs)
-        made.append(client)
-        if sign_in:
-            client.auth.sign_in_with_password(email=DEMO_EMAIL, password=DEMO_PASSWORD)
-        return client
-
-    yield make
-    for client in made:
-        client.close()
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (connections to it are refused)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    with client_factory(server.url, API_KEY) as make:
+        yield make
 
 
 def checkout(client: SpapsClient, **kwargs: Any) -> Any:
@@ -294,13 +277,7 @@ def test_refresh_and_retry_after_401_stay_within_the_call_budget(
                   {"delay": 0.45, "passthrough": True})
     server.inject("POST", REFRESH, {"delay": 0.45, "passthrough": True})
 
-    started = time.monotonic()
-    try:
-        client.payments.get_balance()
-        outcome = "returned"
-    except SpapsError as exc:
-        outcome = type(exc).__name__
-    elapsed = time.monotonic() - started
+    elapsed, outcome = timed_call(client.payments.get_balance)
 
     assert elapsed < 1.25, f"a call with a 1 s budget took {elapsed:.2f}s ({outcome})"
     assert outcome != "returned"  # 1.35 s of server time cannot fit: the call must fail
@@ -378,7 +355,7 @@ def test_retry_quota_refills_after_successes(
 
 
 def test_retry_quota_also_bounds_connection_refused_retries(log: HookLog) -> None:
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = f"http://127.0.0.1:{closed_port()}"
     with SpapsClient(base_url=dead, api_key=API_KEY, logging_hooks=log.hooks,
                      retry_config=fast(max_attempts=4, retry_quota=5)) as client:
         client.set_tokens(access_token="at_x", refresh_token="rt_x", expires_in=3600)
@@ -505,7 +482,7 @@ def test_post_is_not_retried_on_503_without_key(
 
 
 def test_post_whose_connection_is_refused_is_retried(log: HookLog) -> None:
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = f"http://127.0.0.1:{closed_port()}"
     with SpapsClient(base_url=dead, api_key=API_KEY, logging_hooks=log.hooks,
                      retry_config=fast(max_attempts=3)) as client:
         client.set_tokens(access_token="at_x", refresh_token="rt_x", expires_in=3600)
@@ -520,7 +497,7 @@ def test_post_whose_connection_is_refused_is_retried(log: HookLog) -> None:
 
 def test_post_refused_once_then_served_is_processed_exactly_once(log: HookLog) -> None:
     """The server comes up between attempt 1 (refused) and attempt 2: one sign-in, no dupes."""
-    port = free_port()
+    port = closed_port()
     late: list[MockServer] = []
 
     def start_server_after_first_refusal(request: Any, exc: Exception, attempt: int) -> None:

@@ -12,19 +12,17 @@ import base64
 import contextlib
 import http.client
 import json
-import shutil
 import socket
 import ssl
-import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 import pytest
 from conftest import API_KEY, DEMO_EMAIL, DEMO_PASSWORD
+from loopback import QuietHandler, QuietServer, closed_port, self_signed_certificate, serving
 
 import spaps_client
 from spaps_client import (
@@ -55,39 +53,10 @@ NO_RETRY = RetryConfig(max_attempts=1)
 Record = Tuple[str, str, Dict[str, str]]  # method, request target, lower-cased headers
 
 
-class _QuietServer(ThreadingHTTPServer):
-    daemon_threads = True
-    records: List[Record]
-
-    @property
-    def port(self) -> int:
-        return int(self.server_address[1])
-
-
-@contextlib.contextmanager
-def serving(httpd: _QuietServer) -> Iterator[_QuietServer]:
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    try:
-        yield httpd
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
-
-
-class _ProxyHandler(BaseHTTPRequestHandler):
+class _ProxyHandler(QuietHandler):
     """A forward proxy (absolute-form and CONNECT) or a path-prefix reverse proxy."""
 
-    protocol_version = "HTTP/1.1"
     server: ProxyServer
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def _headers(self) -> Dict[str, str]:
-        return {name.lower(): value for name, value in self.headers.items()}
 
     def _reply(self, status: int, body: bytes, headers: List[Tuple[str, str]]) -> None:
         self.send_response(status)
@@ -99,9 +68,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _relay(self) -> None:
         proxy = self.server
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else None
-        proxy.records.append((self.command, self.path, self._headers()))
+        body = self.read_body() or None
+        proxy.records.append((self.command, self.path, self.lower_headers()))
         if proxy.upstream is None:  # forward proxy: the target is in the request line
             parts = urlsplit(self.path)
             host, port, target = parts.hostname or "", parts.port or 80, self.path
@@ -140,7 +108,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _relay
 
     def do_CONNECT(self) -> None:
-        self.server.records.append(("CONNECT", self.path, self._headers()))
+        self.server.records.append(("CONNECT", self.path, self.lower_headers()))
         host, _, port = self.path.rpartition(":")
         try:
             upstream = socket.create_connection((host, int(port)), timeout=10)
@@ -173,31 +141,24 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         upstream.close()
 
 
-class ProxyServer(_QuietServer):
+class ProxyServer(QuietServer):
     def __init__(self, upstream: Optional[Tuple[str, int]] = None, prefix: str = "") -> None:
         super().__init__(("127.0.0.1", 0), _ProxyHandler)
         self.upstream = upstream
         self.prefix = prefix
-        self.records = []
+        self.records: List[Record] = []
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
 
-class _TLSHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _TLSHandler(QuietHandler):
     server: TLSServer
 
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
     def _answer(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length:
-            self.rfile.read(length)
-        self.server.records.append(
-            (self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
+        self.read_body()
+        self.server.records.append((self.command, self.path, self.lower_headers()))
         if self.path == "/health":
             payload: Dict[str, Any] = {"status": "healthy"}
         else:
@@ -212,14 +173,14 @@ class _TLSHandler(BaseHTTPRequestHandler):
     do_GET = do_POST = _answer
 
 
-class TLSServer(_QuietServer):
+class TLSServer(QuietServer):
     """HTTPS on 127.0.0.1 with the given certificate; the handshake runs per connection."""
 
     def __init__(self, cert: Path, key: Path) -> None:
         super().__init__(("127.0.0.1", 0), _TLSHandler)
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(str(cert), str(key))
-        self.records = []
+        self.records: List[Record] = []
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         try:
@@ -235,21 +196,11 @@ class TLSServer(_QuietServer):
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> Tuple[Path, Path]:
     """A self-signed certificate for localhost / 127.0.0.1 made with the openssl CLI."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("the openssl command is not installed")
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    command = [
-        openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-        "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
-        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        "-addext", "keyUsage=critical,digitalSignature,keyCertSign",
-    ]
-    done = subprocess.run(command, capture_output=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"openssl could not make a certificate: {done.stderr.decode()[:200]}")
-    return cert, key
+    return self_signed_certificate(
+        tmp_path_factory.mktemp("tls"), "/CN=localhost",
+        "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        "keyUsage=critical,digitalSignature,keyCertSign",
+    )
 
 
 @pytest.fixture
@@ -257,12 +208,6 @@ def tls_server(certificate: Tuple[Path, Path]) -> Iterator[TLSServer]:
     with serving(TLSServer(*certificate)) as httpd:
         assert isinstance(httpd, TLSServer)
         yield httpd
-
-
-def closed_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # =============================================================================================
