@@ -84,28 +84,30 @@ def import_client(client):
     raise SystemExit(f"worker.py: unknown client {client!r}")
 
 
+def tls_context(cafile):
+    """The same verifying context for every client: the benchmark's CA, or none for HTTP."""
+    if not cafile:
+        return None
+    import ssl
+
+    return ssl.create_default_context(cafile=cafile)
+
+
 def make_sync(client, module, url, cafile):
     """A zero-argument function making one call, and a function closing the client."""
     if client == "ours":
-        ssl_context = None
-        if cafile:
-            import ssl
-
-            ssl_context = ssl.create_default_context(cafile=cafile)
         sessions = module.SessionsClient(
-            base_url=url, api_key=API_KEY, access_token=ACCESS_TOKEN, ssl_context=ssl_context
+            base_url=url, api_key=API_KEY, access_token=ACCESS_TOKEN,
+            ssl_context=tls_context(cafile),
         )
         return sessions.get_current_session, sessions.close
     if client == "peer":
         http_client = None
         if cafile:
-            import ssl
-
             import httpx
 
             # verify= gets a context built from the CA path exactly as ours and the floor do
-            verify = ssl.create_default_context(cafile=cafile)
-            http_client = httpx.Client(base_url=url, verify=verify, timeout=10.0)
+            http_client = httpx.Client(base_url=url, verify=tls_context(cafile), timeout=10.0)
         sessions = module.SessionsClient(
             base_url=url, api_key=API_KEY, access_token=ACCESS_TOKEN, client=http_client
         )
@@ -125,10 +127,8 @@ def make_floor(module, url, cafile):
     scheme, _, rest = url.partition("://")
     host, _, port = rest.partition("/")[0].rpartition(":")
     if scheme == "https":
-        import ssl
-
-        context = ssl.create_default_context(cafile=cafile or None)
-        conn = http_client.HTTPSConnection(host, int(port), timeout=10.0, context=context)
+        conn = http_client.HTTPSConnection(host, int(port), timeout=10.0,
+                                           context=tls_context(cafile))
     else:
         conn = http_client.HTTPConnection(host, int(port), timeout=10.0)
     headers = {"X-API-Key": API_KEY, "Authorization": "Bearer " + ACCESS_TOKEN}
@@ -154,24 +154,18 @@ def session_id(result):
 def make_async(client, module, url, cafile):
     """An async factory: returns (coroutine function making one call, async close)."""
     if client == "ours":
-        ssl_context = None
-        if cafile:
-            import ssl
-
-            ssl_context = ssl.create_default_context(cafile=cafile)
         sessions = module.AsyncSessionsClient(
-            base_url=url, api_key=API_KEY, access_token=ACCESS_TOKEN, ssl_context=ssl_context
+            base_url=url, api_key=API_KEY, access_token=ACCESS_TOKEN,
+            ssl_context=tls_context(cafile),
         )
         return sessions.get_current_session, sessions.aclose
     if client == "peer":
         http_client = None
         if cafile:
-            import ssl
-
             import httpx
 
-            verify = ssl.create_default_context(cafile=cafile)
-            http_client = httpx.AsyncClient(base_url=url, verify=verify, timeout=10.0)
+            http_client = httpx.AsyncClient(base_url=url, verify=tls_context(cafile),
+                                            timeout=10.0)
         sessions = module.AsyncSessionsClient(
             base_url=url, api_key=API_KEY, access_token=ACCESS_TOKEN, client=http_client
         )
