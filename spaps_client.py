@@ -101,7 +101,8 @@ __all__ = [
     "UsageSummary", "PaymentMethodUpdateResult",
     "CryptoInvoice", "CryptoInvoiceStatus", "CryptoReconcileJob",
     "UsagePeriod", "UsageFeature", "UsageFeaturesResponse", "UsageRecordUsage",
-    "UsageRecordResult", "UsageHistoryEntry", "UsageHistoryResponse",
+    "UsageRecordResult", "UsageHistoryEntry", "UsageHistoryResponse", "UsageAuthorization",
+    "UsageReason", "UsageWindow", "UsageEvent",
     "WhitelistEntry", "WhitelistCheckResult", "WhitelistListResult", "WhitelistMessage",
     "SecureMessage", "SpapsWebhookPayload",
     # token storage
@@ -168,7 +169,7 @@ _NO_DEFAULT: Any = object()
 class _FieldInfo:
     """One declared field: name, annotation text, default or factory, alias, repr."""
 
-    __slots__ = ("alias", "annotation", "default", "factory", "name", "repr")
+    __slots__ = ("alias", "aliases", "annotation", "default", "factory", "name", "repr")
 
     def __init__(self, name: str, annotation: str, declared: Any) -> None:
         self.name = name
@@ -177,7 +178,10 @@ class _FieldInfo:
             {} if declared is _NO_DEFAULT else {"default": declared})
         self.default = options.get("default", _NO_DEFAULT)
         self.factory: Optional[Callable[[], Any]] = options.get("default_factory")
-        self.alias: Optional[str] = options.get("metadata", {}).get("alias")
+        # "alias" is the JSON name (a string) or several accepted names, the first preferred.
+        names = options.get("metadata", {}).get("alias") or ()
+        self.aliases: Tuple[str, ...] = (names,) if isinstance(names, str) else tuple(names)
+        self.alias: Optional[str] = self.aliases[0] if self.aliases else None
         self.repr: bool = options.get("repr", True)
 
 
@@ -667,8 +671,8 @@ _SECRET_HEADERS = frozenset(
 )
 # Query parameters whose values are identifiers, not personal data, and help debugging.
 _PLAIN_QUERY_KEYS = frozenset(
-    {"limit", "offset", "starting_after", "period", "format", "feature", "tier", "start_date",
-     "end_date", "cursor"}
+    {"limit", "offset", "starting_after", "period", "format", "feature", "feature_key", "tier",
+     "start_date", "end_date", "cursor"}
 )
 
 
@@ -1420,12 +1424,18 @@ def _parse_retry_after(value: Optional[str]) -> Optional[float]:
 class _Model(_LazyDataclass):
     """Base of every response model: a dataclass with lenient, typed parsing.
 
-    ``model_validate(dict)`` builds an instance (unknown keys ignored, aliases
-    such as ``id`` honoured, datetimes parsed); ``model_dump()`` turns it back
-    into a dict. Invalid input raises ``ValueError`` naming the field.
+    ``model_validate(dict)`` builds an instance the way a server's reply should be
+    read: a field that is absent or JSON ``null`` takes its default (an empty list
+    for lists), a field may arrive under any of its accepted names (``id`` or
+    ``invoice_id``), an optional field whose value has an unexpected type takes its
+    default, and every key the model does not declare is kept in ``model_extra``
+    and readable as an attribute. Only a required field that is missing or
+    unusable raises ``ValueError`` naming it. ``model_dump()`` turns the model back
+    into a dict, extra keys included.
     """
 
     __spaps_fields__: ClassVar[Optional[Tuple[_FieldSpec, ...]]] = None
+    __spaps_known__: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def model_validate(cls: Type[_M], obj: Any) -> _M:
@@ -1436,15 +1446,18 @@ class _Model(_LazyDataclass):
             raise ValueError(f"{cls.__name__}: expected a JSON object, got {_kind(obj)}")
         obj = cls._prepare(obj)
         specs = cls.__dict__.get("__spaps_fields__") or cls._build_specs()
+        known = cls.__dict__["__spaps_known__"]
         # Filled in directly rather than through __init__: this runs on every reply.
         model = cls.__new__(cls)
         values = model.__dict__
+        extra = {key: value for key, value in obj.items() if key not in known}
         for spec in specs:
+            raw = None
             for key in spec.keys:
-                if key in obj:
-                    raw = obj[key]
+                raw = obj.get(key)
+                if raw is not None:
                     break
-            else:
+            if raw is None:
                 if spec.default is None:
                     raise ValueError(f"{cls.__name__}.{spec.name}: missing required field")
                 values[spec.name] = spec.default()
@@ -1452,8 +1465,27 @@ class _Model(_LazyDataclass):
             try:
                 values[spec.name] = spec.convert(raw)
             except (ValueError, OverflowError) as exc:  # float(10**400) overflows
-                raise ValueError(f"{cls.__name__}.{spec.name}: {exc}") from None
+                if spec.default is None:
+                    raise ValueError(f"{cls.__name__}.{spec.name}: {exc}") from None
+                # An optional field the server shaped differently never fails the call:
+                # the attribute keeps its default and the value stays reachable.
+                values[spec.name] = spec.default()
+                extra[key] = raw
+        values["_spaps_extra"] = extra
         return model
+
+    @property
+    def model_extra(self) -> Dict[str, Any]:
+        """What the server sent beyond the declared fields (or in an unexpected shape)."""
+        return self.__dict__.setdefault("_spaps_extra", {})  # type: ignore[no-any-return]
+
+    if not TYPE_CHECKING:  # type checkers keep flagging misspelt attributes
+
+        def __getattr__(self, name):
+            extra = self.__dict__.get("_spaps_extra")
+            if extra is not None and name in extra:
+                return extra[name]
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def model_dump(self, *, by_alias: bool = False, exclude_none: bool = False) -> Dict[str, Any]:
         """The model as a dict keyed by attribute names (or JSON names with ``by_alias``)."""
@@ -1463,6 +1495,9 @@ class _Model(_LazyDataclass):
             if value is None and exclude_none:
                 continue
             out[(info.alias or info.name) if by_alias else info.name] = value
+        for key, value in self.model_extra.items():
+            if key not in out and not (value is None and exclude_none):
+                out[key] = _dump(value, by_alias, exclude_none)
         return out
 
     @classmethod
@@ -1473,11 +1508,12 @@ class _Model(_LazyDataclass):
     def _build_specs(cls) -> Tuple[_FieldSpec, ...]:
         specs = []
         for info in _schema(cls):
-            keys = (info.alias, info.name) if info.alias else (info.name,)
+            keys = (*info.aliases, info.name) if info.aliases else (info.name,)
             default: Optional[Callable[[], Any]] = info.factory
             if default is None and info.default is not _NO_DEFAULT:
                 default = (lambda value: lambda: value)(info.default)
             specs.append(_FieldSpec(info.name, keys, _converter(info.annotation), default))
+        cls.__spaps_known__ = frozenset(key for spec in specs for key in spec.keys)
         cls.__spaps_fields__ = tuple(specs)
         return cls.__spaps_fields__
 
@@ -1666,6 +1702,7 @@ _SCALARS: Dict[str, Callable[[Any], Any]] = {
 
 # Fields read from JSON key "id"; the attribute name is accepted as well.
 _ID_ALIAS = {"alias": "id"}
+_IS_ADMIN_ALIAS = {"alias": "isAdmin"}
 
 
 # --- Auth models ---
@@ -1684,16 +1721,22 @@ class TokenUser(_Model):
     phone_number: Optional[str] = None
     wallets: Optional[List[str]] = None
     email_confirmed: Optional[bool] = None
+    roles: List[str] = _field(default_factory=list)
+    permissions: List[str] = _field(default_factory=list)
+    is_admin: Optional[bool] = _field(default=None, metadata=_IS_ADMIN_ALIAS)
 
 
 @_dataclass(repr=False, eq=False)
 class TokenPair(_Model):
-    """Access and refresh tokens from a sign-in or refresh; tokens hidden from ``repr``."""
+    """Access and refresh tokens from a sign-in or refresh; tokens hidden from ``repr``.
+
+    ``user`` is ``None`` after a refresh: SPAPS names the user in sign-in replies only.
+    """
 
     access_token: str = _field(repr=False)
     refresh_token: str = _field(repr=False)
     expires_in: int
-    user: TokenUser
+    user: Optional[TokenUser] = None
     token_type: str = "Bearer"  # noqa: S105 - a token type, not a secret
 
 
@@ -1727,6 +1770,8 @@ class RegistrationUser(_Model):
     tier: Optional[str] = None
     email_confirmed: Optional[bool] = None
     wallets: Optional[List[str]] = None
+    roles: List[str] = _field(default_factory=list)
+    is_admin: Optional[bool] = _field(default=None, metadata=_IS_ADMIN_ALIAS)
 
 
 @_dataclass(repr=False, eq=False)
@@ -1783,6 +1828,9 @@ class UserProfile(_Model):
     wallets: List[UserWallet] = _field(default_factory=list)
     tier: Optional[str] = None
     metadata: Optional[Dict[str, Any]] = None
+    roles: List[str] = _field(default_factory=list)
+    permissions: List[str] = _field(default_factory=list)
+    is_admin: Optional[bool] = _field(default=None, metadata=_IS_ADMIN_ALIAS)
 
 
 @_dataclass(repr=False, eq=False)
@@ -1821,6 +1869,7 @@ class SessionValidationResult(_Model):
     session_id: Optional[str] = None
     expires_at: Optional[datetime] = None
     renewed: Optional[bool] = None
+    reason: Optional[str] = None
 
 
 @_dataclass(repr=False, eq=False)
@@ -1849,7 +1898,9 @@ class SessionListResult(_Model):
     @classmethod
     def _prepare(cls, obj: Mapping[str, Any]) -> Mapping[str, Any]:
         sessions = obj.get("sessions") or []
-        total = obj.get("total", len(sessions) if isinstance(sessions, list) else 0)
+        total = obj.get("total")
+        if total is None:
+            total = len(sessions) if isinstance(sessions, list) else 0
         return {**obj, "sessions": sessions, "total": total}
 
 
@@ -1877,9 +1928,14 @@ class SessionRevokeResult(_Model):
 class CheckoutSession(_Model):
     """A Stripe checkout session: send the user to ``checkout_url``."""
 
-    session_id: str
-    checkout_url: str
+    session_id: str = _field(metadata={"alias": "id"})
+    checkout_url: Optional[str] = _field(default=None, metadata={"alias": "url"})
     expires_at: Optional[datetime] = None
+    status: Optional[str] = None
+    payment_status: Optional[str] = None
+    amount_total: Optional[int] = None
+    currency: Optional[str] = None
+    metadata: Optional[Dict[str, Any]] = None
 
 
 @_dataclass(repr=False, eq=False)
@@ -1929,18 +1985,21 @@ class SubscriptionPlan(_Model):
 class SubscriptionDetail(_Model):
     """A subscription and its plan."""
 
-    subscription_id: str
+    subscription_id: str = _field(metadata=_ID_ALIAS)
     plan: SubscriptionPlan = _field(default_factory=SubscriptionPlan)
     status: Optional[str] = None
     current_period_end: Optional[datetime] = None
     cancel_at_period_end: Optional[bool] = None
+    current_period_start: Optional[datetime] = None
+    canceled_at: Optional[datetime] = None
+    items: List[Dict[str, Any]] = _field(default_factory=list)
 
 
 @_dataclass(repr=False, eq=False)
 class SubscriptionCancellation(_Model):
     """Result of ``cancel_subscription``."""
 
-    subscription_id: str
+    subscription_id: str = _field(metadata=_ID_ALIAS)
     status: Optional[str] = None
     cancel_at_period_end: Optional[bool] = None
 
@@ -1996,28 +2055,40 @@ class CryptoInvoice(_Model):
     expires_at: Optional[str] = None
     beneficiary: Optional[Dict[str, Any]] = None
     metadata: Optional[Dict[str, Any]] = None
+    application_id: Optional[str] = None
+    destination: Optional[Dict[str, Any]] = None
+    underpaid: Optional[bool] = None
+    overpaid: Optional[bool] = None
+    settled_at: Optional[str] = None
+    created_at: Optional[str] = None
 
 
 @_dataclass(repr=False, eq=False)
 class CryptoInvoiceStatus(_Model):
     """The settlement status of a crypto invoice."""
 
-    invoice_id: str
+    invoice_id: str = _field(metadata=_ID_ALIAS)
     status: str
     finalized_at: Optional[str] = None
     normalized_amount: Optional[str] = None
     settlement_ids: Optional[List[str]] = None
     underpaid: Optional[bool] = None
     overpaid: Optional[bool] = None
+    amount: Optional[str] = None
+    settled_at: Optional[str] = None
+    expires_at: Optional[str] = None
 
 
 @_dataclass(repr=False, eq=False)
 class CryptoReconcileJob(_Model):
-    """A scheduled reconciliation job."""
+    """The outcome of ``reconcile``: SPAPS 0.6 runs it at once (``reconciled``,
+    ``message``); servers that schedule it answer ``job_id`` and ``scheduled_at``."""
 
-    job_id: str
-    scheduled_at: str
+    job_id: Optional[str] = None
+    scheduled_at: Optional[str] = None
     cursor: Optional[Dict[str, Any]] = None
+    reconciled: Optional[bool] = None
+    message: Optional[str] = None
 
 
 # --- Usage models ---
@@ -2033,14 +2104,20 @@ class UsagePeriod(_Model):
 
 @_dataclass(repr=False, eq=False)
 class UsageFeature(_Model):
-    """A metered feature and how much of it was used."""
+    """A metered feature: its key (``name``, JSON ``feature_key``), dimensions and limits."""
 
-    name: str
+    name: str = _field(metadata={"alias": "feature_key"})
     description: Optional[str] = None
     used: Optional[float] = None
     limit: Optional[float] = None
     percentage: Optional[float] = None
     reset_at: Optional[str] = None
+    display_name: Optional[str] = None
+    dimensions: List[str] = _field(default_factory=list)
+    limits: Dict[str, Any] = _field(default_factory=dict)
+    active: Optional[bool] = None
+    policy_key: Optional[str] = None
+    active_entitlements: List[str] = _field(default_factory=list)
 
 
 @_dataclass(repr=False, eq=False)
@@ -2065,14 +2142,85 @@ class UsageRecordUsage(_Model):
 
 @_dataclass(repr=False, eq=False)
 class UsageRecordResult(_Model):
-    """Result of ``record_usage``."""
+    """Result of ``record_usage``: the recorded event and the usage it brings the window to.
 
-    record_id: str
-    feature: str
+    ``replayed`` is true when SPAPS had already recorded this ``idempotency_key``.
+    """
+
+    record_id: str = _field(metadata={"alias": "event_id"})
+    feature: str = _field(metadata={"alias": "feature_key"})
     quantity: Optional[float] = None
     recorded_at: Optional[str] = None
     warning: Optional[str] = None
     current_usage: UsageRecordUsage = _field(default_factory=UsageRecordUsage)
+    status: Optional[str] = None
+    replayed: Optional[bool] = None
+    idempotency_key: Optional[str] = None
+    authorization_ref: Optional[str] = None
+    window_totals: Dict[str, Any] = _field(default_factory=dict)
+
+
+@_dataclass(repr=False, eq=False)
+class UsageReason(_Model):
+    """Why SPAPS decided as it did about a usage authorization."""
+
+    code: str
+    message: Optional[str] = None
+    details: Optional[Dict[str, Any]] = None
+
+
+@_dataclass(repr=False, eq=False)
+class UsageWindow(_Model):
+    """The metering window a usage decision counts in."""
+
+    window_key: Optional[str] = None
+    starts_at: Optional[datetime] = None
+    ends_at: Optional[datetime] = None
+
+
+@_dataclass(repr=False, eq=False)
+class UsageAuthorization(_Model):
+    """SPAPS's decision on using a feature (``allowed``, ``allowed_with_warning``,
+    ``blocked`` or ``escalate``); record the use with ``authorization_ref``."""
+
+    decision: str
+    feature_key: str
+    authorization_ref: Optional[str] = None
+    resource_type: Optional[str] = None
+    resource_id: Optional[str] = None
+    subject_user_id: Optional[str] = None
+    active_entitlements: List[str] = _field(default_factory=list)
+    policy_key: Optional[str] = None
+    window: Optional[UsageWindow] = None
+    window_totals: Dict[str, Any] = _field(default_factory=dict)
+    remaining: Dict[str, Any] = _field(default_factory=dict)
+    reasons: List[UsageReason] = _field(default_factory=list)
+    warnings: List[str] = _field(default_factory=list)
+    expires_at: Optional[datetime] = None
+
+    @property
+    def allowed(self) -> bool:
+        """Whether the use may go ahead (``allowed`` or ``allowed_with_warning``)."""
+        return self.decision in ("allowed", "allowed_with_warning")
+
+
+@_dataclass(repr=False, eq=False)
+class UsageEvent(_Model):
+    """One recorded use of a feature, as ``get_history`` lists it."""
+
+    event_id: str
+    feature_key: str
+    dimensions: Dict[str, Any] = _field(default_factory=dict)
+    resource_type: Optional[str] = None
+    resource_id: Optional[str] = None
+    subject_user_id: Optional[str] = None
+    authorization_ref: Optional[str] = None
+    idempotency_key: Optional[str] = None
+    policy_key: Optional[str] = None
+    active_entitlements: List[str] = _field(default_factory=list)
+    metadata: Optional[Dict[str, Any]] = None
+    occurred_at: Optional[datetime] = None
+    recorded_at: Optional[datetime] = None
 
 
 @_dataclass(repr=False, eq=False)
@@ -2093,6 +2241,9 @@ class UsageHistoryResponse(_Model):
     end_date: Optional[str] = None
     history: List[UsageHistoryEntry] = _field(default_factory=list)
     summary: Optional[Dict[str, Any]] = None
+    events: List[UsageEvent] = _field(default_factory=list)
+    has_more: bool = False
+    next_offset: Optional[int] = None
 
 
 # --- Whitelist and secure message models ---
@@ -2107,6 +2258,10 @@ class WhitelistEntry(_Model):
     tier: Optional[str] = None
     bypass_payment: Optional[bool] = None
     metadata: Optional[Dict[str, Any]] = None
+    id: Optional[str] = None
+    created_by: Optional[str] = None
+    created_at: Optional[datetime] = None
+    updated_at: Optional[datetime] = None
 
 
 @_dataclass(repr=False, eq=False)
@@ -2127,7 +2282,9 @@ class WhitelistListResult(_Model):
     @classmethod
     def _prepare(cls, obj: Mapping[str, Any]) -> Mapping[str, Any]:
         entries = obj.get("entries") or []
-        total = obj.get("total", len(entries) if isinstance(entries, list) else 0)
+        total = obj.get("total")
+        if total is None:
+            total = len(entries) if isinstance(entries, list) else 0
         return {**obj, "entries": entries, "total": total}
 
 
@@ -2465,6 +2622,10 @@ class _TokenSource:
         """A new token after the server rejected ``rejected`` with 401, or ``None``."""
         return None
 
+    def known_secrets(self) -> List[str]:
+        """The tokens this source holds, so that error messages can be scrubbed of them."""
+        return [self.token] if self.token else []
+
 
 class _StoredTokenSource(_TokenSource):
     """Tokens read from a ``TokenStorage`` at every request, refreshed when they expire.
@@ -2501,6 +2662,13 @@ class _StoredTokenSource(_TokenSource):
     def peek(self) -> Optional[str]:
         tokens = self.storage.load()
         return tokens.access_token if tokens else None
+
+    def known_secrets(self) -> List[str]:
+        try:
+            tokens = self.storage.load()
+        except Exception:  # a broken storage must not hide the error being reported
+            return []
+        return [tokens.access_token, tokens.refresh_token or ""] if tokens else []
 
     def after_rejection(self, rejected: str) -> Optional[str]:
         if self.refresh is None:
@@ -2598,6 +2766,8 @@ def _request_id(result: _Result, body: Optional[Mapping[str, Any]]) -> Optional[
     header = result.headers.get("x-request-id")
     if header:
         return header
+    if body and isinstance(body.get("request_id"), str) and body["request_id"]:
+        return str(body["request_id"])
     metadata = body.get("metadata") if body else None
     if isinstance(metadata, dict) and isinstance(metadata.get("request_id"), str):
         return str(metadata["request_id"])
@@ -2719,16 +2889,28 @@ class _Service:
 
             url += "?" + urlencode(query)
         payload = None if body is _NO_BODY else _json_body(body)
-        if getattr(_CALL_BUDGET, "deadline", None) is not None:
-            return self._call_within_budget(method, url, auth, token, payload, headers,
-                                            idempotency_key)
-        # The outermost call sets the budget that a refresh and a replay must share.
-        _CALL_BUDGET.deadline = time.monotonic() + ctx.http.timeout
+        outermost = getattr(_CALL_BUDGET, "deadline", None) is None
+        if outermost:  # the outermost call sets the budget that a refresh and a replay share
+            _CALL_BUDGET.deadline = time.monotonic() + ctx.http.timeout
         try:
             return self._call_within_budget(method, url, auth, token, payload, headers,
                                             idempotency_key)
+        except SpapsError as exc:
+            # Servers echo input in their messages; what the client knows to be secret
+            # must not reach logs and error trackers through the exception text.
+            _scrub_error(exc, self._secrets(token, body))
+            raise
         finally:
-            _CALL_BUDGET.deadline = None
+            if outermost:
+                _CALL_BUDGET.deadline = None
+
+    def _secrets(self, token: Optional[str], body: Any) -> List[str]:
+        """Every secret this call could have shown the server: key, tokens, body secrets."""
+        found = [self._ctx.api_key, token or "", *self._ctx.tokens.known_secrets()]
+        if isinstance(body, Mapping):
+            found.extend(str(body[key]) for key in _SECRET_FIELDS
+                         if isinstance(body.get(key), str))
+        return found
 
     def _call_within_budget(self, method: str, url: str, auth: str, token: Optional[str],
                             payload: Optional[bytes], headers: Optional[Dict[str, str]],
@@ -2768,6 +2950,8 @@ class _Service:
         if result.status >= 300:
             raise self._status_error(result)
         reply = _Reply(self, result, {})
+        if result.status == 204:  # No Content: done, and nothing to say about it
+            return reply
         if result.body is None:
             raise reply.invalid(f"the body exceeds {_MAX_BODY} bytes")
         if not result.body:
@@ -2813,6 +2997,30 @@ class _Service:
             message, status_code=result.status, error_code=code, response=result.public,
             request_id=_request_id(result, body), retry_after=retry_after,
         )
+
+
+# Request-body fields whose values are credentials.
+_SECRET_FIELDS = ("password", "new_password", "refresh_token", "access_token", "token", "code",
+                  "recovery_code", "signature")
+
+
+def _scrub(text: str, secrets: List[str]) -> str:
+    """``text`` with every occurrence of a known secret (raw or percent-encoded) redacted."""
+    from urllib.parse import quote
+
+    # Longest first, so that a secret containing another is hidden whole. Very short values
+    # (a 3-character "password" a server rejects) would blank out ordinary words.
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        if len(secret) >= 4:
+            text = text.replace(secret, _REDACTED).replace(quote(secret, safe=""), _REDACTED)
+    return text
+
+
+def _scrub_error(exc: SpapsError, secrets: List[str]) -> None:
+    message = _scrub(exc.message, secrets)
+    if message != exc.message:
+        exc.message = message
+        exc.args = (message,)
 
 
 def _content_type(result: _Result) -> str:
@@ -2918,13 +3126,23 @@ class AuthClient(_Service):
                            body={"token": token, "type": type})
         return self._user_and_tokens(reply, MagicLinkAuthResponse)
 
-    def logout(self, *, access_token: Optional[str] = None) -> MessageResponse:
-        """End the session of ``access_token`` (default: the stored one) and clear storage."""
+    def logout(self, *, access_token: Optional[str] = None,
+               refresh_token: Optional[str] = None) -> MessageResponse:
+        """End the session of ``access_token`` (default: the stored one) and clear storage.
+
+        The refresh token (default: the stored one, when ``access_token`` is the stored
+        access token) is revoked with it; without one, SPAPS revokes only the access
+        token and the refresh token would go on working.
+        """
+        stored = self.get_stored_tokens()
         if access_token is None:
-            access_token = self._ctx.tokens.peek()
+            access_token = stored.access_token if stored else self._ctx.tokens.peek()
         if not access_token:
             raise ValueError("logout needs an access token: none was given or stored")
-        reply = self._call("POST", "/api/auth/logout", token=access_token)
+        if refresh_token is None and stored is not None and stored.access_token == access_token:
+            refresh_token = stored.refresh_token
+        reply = self._call("POST", "/api/auth/logout", token=access_token,
+                           body={"refresh_token": refresh_token} if refresh_token else _NO_BODY)
         data = reply.body.get("data")
         message = reply.first_text(
             data.get("message") if isinstance(data, dict) else None, reply.body.get("message")
@@ -2972,9 +3190,9 @@ class AuthClient(_Service):
             tokens.lifetime = float(expires_in)  # tells how early refreshing makes sense
 
     def _token_pair(self, reply: _Reply) -> TokenPair:
-        pair = reply.parse(TokenPair, reply.data())
-        self._store(pair.access_token, pair.refresh_token, pair.expires_in, pair.token_type)
-        return pair
+        data = reply.data()
+        self._store_issued(reply, data, data.get("token_type"))
+        return reply.parse(TokenPair, data)
 
     def _user_and_tokens(self, reply: _Reply, model: Type[_M]) -> _M:
         """Registration-style replies: user, tokens and message at the top or under data."""
@@ -2984,14 +3202,30 @@ class AuthClient(_Service):
         user = body.get("user") if isinstance(body.get("user"), dict) else data.get("user")
         tokens = body.get("tokens") if isinstance(body.get("tokens"), dict) else data.get(
             "tokens")
-        result = reply.parse(model, {
+        if isinstance(tokens, dict):
+            self._store_issued(reply, tokens, data.get("token_type"))
+        return reply.parse(model, {
+            **{key: value for key, value in data.items() if key not in ("user", "tokens")},
             "user": user, "tokens": tokens if isinstance(tokens, dict) else None,
             "message": reply.first_text(body.get("message"), data.get("message")),
         })
-        stored = getattr(result, "tokens", None)
-        if isinstance(stored, RegistrationTokens):
-            self._store(stored.access_token, stored.refresh_token, stored.expires_in, "Bearer")
-        return result
+
+    def _store_issued(self, reply: _Reply, tokens: Mapping[str, Any], token_type: Any) -> None:
+        """Store the tokens of a reply before anything else can fail.
+
+        The server has already spent the refresh token or opened the session: a model
+        that cannot be built from the rest of the reply must not lose them.
+        """
+        access = tokens.get("access_token")
+        if not isinstance(access, str) or not access:
+            raise reply.invalid("the reply carries no access_token")
+        refresh = tokens.get("refresh_token")
+        try:
+            expires_in: Optional[int] = _to_int(tokens.get("expires_in"))
+        except ValueError:
+            expires_in = None
+        self._store(access, refresh if isinstance(refresh, str) and refresh else None,
+                    expires_in, token_type if isinstance(token_type, str) else "Bearer")
 
     def _message_with_data(self, reply: _Reply, model: Type[_M]) -> _M:
         data = reply.data()
@@ -3019,27 +3253,44 @@ class SessionsClient(_Service):
         reply = self._call("POST", "/api/sessions/validate", token=access_token_override,
                            body={})
         data = reply.data()
-        # The server answers flat (data.valid); older fixtures nest it under "session".
-        return reply.parse(SessionValidationResult,
-                           data if "valid" in data else _unwrap(data, "session"))
+        # SPAPS answers {valid, reason, session{id, expires_at, ...}}; older fixtures
+        # nest everything under "session".
+        if "valid" not in data:
+            return reply.parse(SessionValidationResult, _unwrap(data, "session"))
+        session = _object_at(data, "session")
+        return reply.parse(SessionValidationResult, {
+            "session_id": session.get("id") or session.get("session_id"),
+            "expires_at": session.get("expires_at"), **data,
+        })
 
     def list_sessions(
         self,
         *,
         limit: Optional[int] = None,
         starting_after: Optional[str] = None,
+        offset: Optional[int] = None,
         access_token_override: Optional[str] = None,
     ) -> SessionListResult:
-        """The user's sessions, ``limit`` at a time, after session ``starting_after``."""
+        """The user's sessions, ``limit`` at a time, from ``offset`` (or after session
+        ``starting_after``, for servers that page by cursor)."""
         query = [("limit", str(limit))] if limit is not None else []
+        if offset is not None:
+            query.append(("offset", str(offset)))
         if starting_after:
             query.append(("starting_after", starting_after))
-        reply = self._call("GET", "/api/sessions", token=access_token_override, query=query)
+        # The collection lives at "/api/sessions/"; without the slash SPAPS answers 307.
+        reply = self._call("GET", "/api/sessions/", token=access_token_override, query=query)
         return reply.parse(SessionListResult, reply.data())
 
     def touch_session(self, *, access_token_override: Optional[str] = None
                       ) -> SessionTouchResult:
-        """Mark the session active now."""
+        """Mark the session active now.
+
+        On SPAPS 0.6 this also spends the session's refresh token: a later refresh with
+        it fails with ``REFRESH_TOKEN_REPLAY``, so after touching, sign in again when the
+        access token expires (``get_current_session`` and ``validate_session`` do not
+        spend it).
+        """
         reply = self._call("POST", "/api/sessions/touch", token=access_token_override, body={})
         return reply.parse(SessionTouchResult, reply.data())
 
@@ -3048,12 +3299,20 @@ class SessionsClient(_Service):
         """End session ``session_id``; its tokens stop working."""
         path = "/api/sessions/" + _segment(session_id, "session_id")
         reply = self._call("DELETE", path, token=access_token_override)
-        return reply.parse(SessionRevokeResult, reply.data())
+        # SPAPS answers 204 with no body.
+        return reply.parse(SessionRevokeResult, {"message": "Session revoked",
+                                                 "session_id": session_id, **reply.data()})
 
 
 def _unwrap(payload: Dict[str, Any], key: str) -> Dict[str, Any]:
     inner = payload.get(key)
     return inner if isinstance(inner, dict) else payload
+
+
+def _object_at(payload: Mapping[str, Any], key: str) -> Dict[str, Any]:
+    """``payload[key]`` if it is a JSON object, else an empty one."""
+    inner = payload.get(key)
+    return inner if isinstance(inner, dict) else {}
 
 
 class CryptoPaymentsClient(_Service):
@@ -3182,22 +3441,33 @@ class PaymentsClient(_Service):
         idempotency_key: Optional[str] = None,
         access_token_override: Optional[str] = None,
     ) -> CheckoutSession:
-        """Start a Stripe checkout; send the user to the returned ``checkout_url``."""
-        body: Dict[str, Any] = {"price_id": price_id, "mode": mode, "success_url": success_url,
-                                "cancel_url": cancel_url}
-        if metadata:
-            body["metadata"] = metadata
+        """Start a Stripe checkout of one ``price_id``; send the user to ``checkout_url``.
+
+        ``price_id`` must be a price that SPAPS manages (unknown ones raise
+        ``PaymentsError`` 404 ``PRICE_NOT_FOUND``). ``require_legal_consent`` and
+        ``legal_consent_text`` are sent in ``metadata``, where SPAPS keeps them with the
+        session.
+        """
+        body: Dict[str, Any] = {"mode": mode, "line_items": [{"price_id": price_id,
+                                                              "quantity": 1}],
+                                "success_url": success_url, "cancel_url": cancel_url}
+        tags = {**(metadata or {})}
         if require_legal_consent is not None:
-            body["require_legal_consent"] = require_legal_consent
+            tags["require_legal_consent"] = "true" if require_legal_consent else "false"
         if legal_consent_text:
-            body["legal_consent_text"] = legal_consent_text
-        reply = self._call("POST", "/api/payments/create-checkout-session", body=body,
-                           token=access_token_override, idempotency_key=idempotency_key)
-        return reply.parse(CheckoutSession, reply.data())
+            tags["legal_consent_text"] = legal_consent_text
+        if tags:
+            body["metadata"] = tags
+        reply = self._call("POST", "/api/stripe/checkout-sessions", body=body,
+                           token=access_token_override, idempotency_key=idempotency_key,
+                           headers={"Idempotency-Key": idempotency_key} if idempotency_key
+                           else None)
+        return reply.parse(CheckoutSession, _unwrap(reply.data(), "session"))
 
     def get_balance(self, *, access_token_override: Optional[str] = None) -> BalanceOverview:
         """The user's balance, tier and usage."""
-        reply = self._call("GET", "/api/payments/balance", token=access_token_override)
+        reply = self._stub("GET", "/api/payments/balance", access_token_override,
+                           instead="payments are listed at GET /api/stripe/history")
         return reply.parse(BalanceOverview, reply.data())
 
     def create_payment_intent(
@@ -3215,8 +3485,9 @@ class PaymentsClient(_Service):
                                 **_pick(payment_method_types=payment_method_types)}
         if metadata:
             body["metadata"] = metadata
-        reply = self._call("POST", "/api/payments/create-payment-intent", body=body,
-                           token=access_token_override, idempotency_key=idempotency_key)
+        reply = self._stub("POST", "/api/payments/create-payment-intent", access_token_override,
+                           instead="use create_checkout_session()", body=body,
+                           idempotency_key=idempotency_key)
         return reply.parse(PaymentIntent, reply.data())
 
     def update_payment_method(
@@ -3230,8 +3501,9 @@ class PaymentsClient(_Service):
         if not payment_method_id:
             raise ValueError("payment_method_id must not be empty")
         body = {"payment_method_id": payment_method_id, **_pick(set_default=set_default)}
-        reply = self._call("POST", "/api/payments/update-payment-method", body=body,
-                           token=access_token_override)
+        reply = self._stub("POST", "/api/payments/update-payment-method", access_token_override,
+                           instead="send the user to the Stripe billing portal "
+                           "(POST /api/stripe/portal-session)", body=body)
         return reply.parse(PaymentMethodUpdateResult, reply.data())
 
     def wallet_deposit(
@@ -3253,23 +3525,27 @@ class PaymentsClient(_Service):
         }
         if tier:
             body["tier"] = tier
-        reply = self._call("POST", "/api/payments/wallet-deposit", body=body,
-                           token=access_token_override, idempotency_key=idempotency_key)
+        reply = self._stub("POST", "/api/payments/wallet-deposit", access_token_override,
+                           instead="take crypto payments with payments.crypto.create_invoice()",
+                           body=body, idempotency_key=idempotency_key)
         return reply.parse(WalletDeposit, reply.data())
 
     def get_wallet_transaction(self, *, transaction_id: str,
                                access_token_override: Optional[str] = None) -> WalletTransaction:
         """Wallet transaction ``transaction_id``."""
         path = "/api/payments/wallet-transaction/" + _segment(transaction_id, "transaction_id")
-        reply = self._call("GET", path, token=access_token_override)
+        reply = self._stub("GET", path, access_token_override,
+                           instead="follow crypto payments with "
+                           "payments.crypto.get_invoice_status()")
         return reply.parse(WalletTransaction, reply.data())
 
     def get_subscription(self, *, subscription_id: str,
                          access_token_override: Optional[str] = None) -> SubscriptionDetail:
-        """Subscription ``subscription_id``."""
-        path = "/api/payments/subscription/" + _segment(subscription_id, "subscription_id")
+        """Subscription ``subscription_id`` (``GET /api/stripe/subscription/{id}``)."""
+        path = "/api/stripe/subscription/" + _segment(subscription_id, "subscription_id")
         reply = self._call("GET", path, token=access_token_override)
-        return reply.parse(SubscriptionDetail, reply.data())
+        return reply.parse(SubscriptionDetail, {"subscription_id": subscription_id,
+                                                **_unwrap(reply.data(), "subscription")})
 
     def cancel_subscription(
         self,
@@ -3278,12 +3554,31 @@ class PaymentsClient(_Service):
         cancel_at_period_end: Optional[bool] = None,
         access_token_override: Optional[str] = None,
     ) -> SubscriptionCancellation:
-        """Cancel a subscription now or at the end of the period."""
-        body = {"subscription_id": subscription_id,
-                **_pick(cancel_at_period_end=cancel_at_period_end)}
-        reply = self._call("POST", "/api/payments/cancel-subscription", body=body,
+        """Cancel a subscription at the end of the period (the default) or, with
+        ``cancel_at_period_end=False``, at once."""
+        path = ("/api/stripe/subscription/" + _segment(subscription_id, "subscription_id")
+                + "/cancel")
+        reply = self._call("POST", path, body={"immediately": cancel_at_period_end is False},
                            token=access_token_override)
-        return reply.parse(SubscriptionCancellation, reply.data())
+        return reply.parse(SubscriptionCancellation, {"subscription_id": subscription_id,
+                                                      **_unwrap(reply.data(), "subscription")})
+
+    def _stub(self, method: str, path: str, token: Optional[str], *, instead: str,
+              **options: Any) -> _Reply:
+        """Call a route of the reference client that SPAPS 0.6 serves as a 501 stub.
+
+        A server that implements it is still used; one that does not gets an error
+        that says so and what to use instead, rather than "Feature not yet available".
+        """
+        try:
+            return self._call(method, path, token=token, **options)
+        except PaymentsError as exc:
+            if exc.status_code != 501:
+                raise
+            exc.message = (f"{method} {path} is not available on this SPAPS server "
+                           f"(501 Not Implemented); {instead}")
+            exc.args = (exc.message,)
+            raise
 
 
 class UsageClient(_Service):
@@ -3299,22 +3594,116 @@ class UsageClient(_Service):
         reply = self._call("GET", "/api/usage/features", token=access_token_override)
         return reply.parse(UsageFeaturesResponse, reply.data())
 
+    def authorize_usage(
+        self,
+        *,
+        feature_key: str,
+        dimensions: Mapping[str, Union[int, float]],
+        resource_type: str = "user",
+        resource_id: Optional[str] = None,
+        subject_user_id: Optional[str] = None,
+        metadata: Optional[Dict[str, Any]] = None,
+        access_token_override: Optional[str] = None,
+    ) -> UsageAuthorization:
+        """Ask whether ``dimensions`` of ``feature_key`` may be used now (nothing is counted).
+
+        Record the use afterwards with ``record_usage(authorization_ref=...)``; the
+        reference stays valid for a few minutes (``expires_at``).
+        """
+        body = {"feature_key": feature_key, "resource_type": resource_type,
+                "dimensions": dict(dimensions), **_pick(
+                    resource_id=resource_id, subject_user_id=subject_user_id,
+                    metadata=metadata)}
+        reply = self._call("POST", "/api/usage/authorize", body=body,
+                           token=access_token_override)
+        return reply.parse(UsageAuthorization, reply.data())
+
     def record_usage(
         self,
         *,
         feature: str,
-        quantity: Union[int, float],
+        quantity: Optional[Union[int, float]] = None,
         metadata: Optional[Dict[str, Any]] = None,
         timestamp: Optional[str] = None,
         idempotency_key: Optional[str] = None,
         access_token_override: Optional[str] = None,
+        dimensions: Optional[Mapping[str, Union[int, float]]] = None,
+        authorization_ref: Optional[str] = None,
+        resource_type: str = "user",
+        resource_id: Optional[str] = None,
+        subject_user_id: Optional[str] = None,
     ) -> UsageRecordResult:
-        """Record ``quantity`` units of ``feature``; with ``idempotency_key`` it counts once."""
-        body = {"feature": feature, "quantity": quantity,
-                **_pick(metadata=metadata, timestamp=timestamp)}
+        """Count a use of ``feature``: ``quantity`` units, or several ``dimensions``.
+
+        Without ``authorization_ref`` the use is authorized first (``authorize_usage``);
+        a decision other than allowed raises ``UsageError`` and records nothing.
+        ``quantity`` counts in the feature's only dimension (as ``get_features`` lists
+        it); use ``dimensions`` for features with several. The record is sent with an
+        idempotency key (``idempotency_key``, or a fresh one), so SPAPS counts it once
+        however often it arrives and the client may retry it safely.
+        """
+        if (quantity is None) == (dimensions is None):
+            raise ValueError("record_usage needs either quantity= or dimensions=")
+        if dimensions is None:
+            assert quantity is not None
+            dimensions = {self._dimension_of(feature, access_token_override): quantity}
+        authorization: Optional[UsageAuthorization] = None
+        if authorization_ref is None:
+            authorization = self.authorize_usage(
+                feature_key=feature, dimensions=dimensions, resource_type=resource_type,
+                resource_id=resource_id, subject_user_id=subject_user_id, metadata=metadata,
+                access_token_override=access_token_override)
+            if not authorization.allowed or not authorization.authorization_ref:
+                reason = authorization.reasons[0] if authorization.reasons else None
+                raise UsageError(
+                    f"usage of {feature!r} was not authorized ({authorization.decision})"
+                    + (f": {reason.message}" if reason and reason.message else ""),
+                    error_code=reason.code if reason else "USAGE_NOT_AUTHORIZED",
+                    retryable=False)
+            authorization_ref = authorization.authorization_ref
+        if idempotency_key is None:
+            import uuid
+
+            idempotency_key = "spaps-" + uuid.uuid4().hex
+        body = {"authorization_ref": authorization_ref, "idempotency_key": idempotency_key,
+                "feature_key": feature, "resource_type": resource_type,
+                "dimensions": dict(dimensions), **_pick(
+                    resource_id=resource_id, subject_user_id=subject_user_id,
+                    metadata=metadata, occurred_at=timestamp)}
         reply = self._call("POST", "/api/usage/record", body=body, token=access_token_override,
                            idempotency_key=idempotency_key)
-        return reply.parse(UsageRecordResult, reply.data())
+        data = reply.data()
+        totals = _object_at(data, "window_totals")
+        current: Dict[str, Any] = {}
+        if quantity is not None and len(dimensions) == 1:
+            (name, amount), = dimensions.items()
+            used = totals.get(name)
+            left = authorization.remaining.get(name) if authorization else None
+            if isinstance(left, (int, float)):
+                current["remaining"] = left - amount
+                if isinstance(used, (int, float)):
+                    current["limit"] = used + left - amount
+            current["used"] = used
+        return reply.parse(UsageRecordResult, {
+            "feature": feature, "quantity": quantity, "current_usage": current, **data})
+
+    def _dimension_of(self, feature: str, token: Optional[str]) -> str:
+        """The one dimension ``feature`` is metered in, from ``get_features`` (cached)."""
+        cache: Dict[str, str] = self.__dict__.setdefault("_dimensions", {})
+        if feature not in cache:
+            listed = {item.name: item for item in self.get_features(
+                access_token_override=token).features}
+            known = listed.get(feature)
+            if known is None:
+                raise UsageError(f"feature {feature!r} is not metered for this application "
+                                 f"(known: {', '.join(sorted(listed)) or 'none'})",
+                                 error_code="FEATURE_NOT_FOUND", retryable=False)
+            if len(known.dimensions) != 1:
+                raise ValueError(f"feature {feature!r} is metered in "
+                                 f"{len(known.dimensions)} dimensions "
+                                 f"({', '.join(known.dimensions) or 'none'}): pass dimensions=")
+            cache[feature] = known.dimensions[0]
+        return cache[feature]
 
     def get_history(
         self,
@@ -3324,11 +3713,17 @@ class UsageClient(_Service):
         end_date: Optional[str] = None,
         feature: Optional[str] = None,
         format: Optional[str] = None,
+        limit: Optional[int] = None,
+        offset: Optional[int] = None,
         access_token_override: Optional[str] = None,
     ) -> UsageHistoryResponse:
-        """Usage history, filtered by period, dates and feature."""
-        filters = {"period": period, "start_date": start_date, "end_date": end_date,
-                   "feature": feature, "format": format}
+        """Recorded usage events (``events``; ``has_more``/``next_offset`` page them),
+        filtered by ``feature``; ``period``, ``start_date``, ``end_date`` and ``format``
+        are sent for servers that filter by them."""
+        filters = {"feature_key": feature, "period": period, "start_date": start_date,
+                   "end_date": end_date, "format": format,
+                   "limit": None if limit is None else str(limit),
+                   "offset": None if offset is None else str(offset)}
         query = [(key, value) for key, value in filters.items() if value]
         reply = self._call("GET", "/api/usage/history", token=access_token_override, query=query)
         return reply.parse(UsageHistoryResponse, reply.data())
@@ -3404,8 +3799,10 @@ class WhitelistClient(_Service):
         """Remove ``email`` from the whitelist."""
         reply = self._call("DELETE", self.WHITELIST_PREFIX + "/" + _segment(email, "email"),
                            token=access_token_override)
+        # SPAPS answers 204 with no body.
         return reply.parse(WhitelistMessage, {"message": reply.first_text(
-            self._data(reply).get("message"), reply.body.get("message"))})
+            self._data(reply).get("message"), reply.body.get("message"),
+        ) or f"{email} was removed from the whitelist"})
 
     @staticmethod
     def _data(reply: _Reply) -> Dict[str, Any]:
@@ -4157,8 +4554,11 @@ def _run_command(client: SpapsClient, command: str, as_json: bool) -> int:
 
     if command in ("health", "ready"):
         document = client.metrics.health() if command == "health" else client.metrics.readiness()
-        good = (document.get("status") in ("healthy", "ok") if command == "health"
-                else document.get("ready") is True)
+        # SPAPS wraps the verdict in "data"; older servers answered it at the top.
+        data = document.get("data")
+        verdict = data if isinstance(data, dict) else document
+        good = (verdict.get("status") in ("healthy", "ok") if command == "health"
+                else verdict.get("ready") is True or verdict.get("status") == "ready")
         _print_result(as_json, document, f"{command}: " + ("ok" if good else "NOT OK")
                       + f" {json.dumps(document, sort_keys=True)}")
         return EXIT_OK if good else EXIT_FAILED
