@@ -466,7 +466,9 @@ class SpapsError(Exception):
     ``INVALID_CREDENTIALS``); ``request_id`` (for support tickets); ``response``
     (an ``HttpResponse`` without body, or ``None``); ``retry_after`` (seconds
     the server asked to wait, if any); ``retryable`` (whether sending the same
-    request again later is safe and may succeed). ``str(error)`` is the message.
+    request again later is safe and may succeed); ``details`` (the server's
+    ``error.details`` object, e.g. ``{"fields": {"email": "..."}}`` for a
+    ``VALIDATION_ERROR``; empty when it sent none). ``str(error)`` is the message.
     """
 
     _MAX_MESSAGE = 500
@@ -481,6 +483,7 @@ class SpapsError(Exception):
         request_id: Optional[str] = None,
         retry_after: Optional[float] = None,
         retryable: Optional[bool] = None,
+        details: Optional[Dict[str, Any]] = None,
     ) -> None:
         message = str(message)
         if len(message) > self._MAX_MESSAGE:
@@ -495,6 +498,7 @@ class SpapsError(Exception):
         if retryable is None:
             retryable = status_code in (429, 502, 503, 504)
         self.retryable = retryable
+        self.details: Dict[str, Any] = details or {}
 
     def __str__(self) -> str:
         return self.message
@@ -2981,9 +2985,11 @@ class _Service:
         info = body.get("error") if body else None
         code = None
         message = None
+        details = None
         if isinstance(info, dict):
             message = info.get("message") if isinstance(info.get("message"), str) else None
             code = info.get("code") if isinstance(info.get("code"), str) else None
+            details = info.get("details") if isinstance(info.get("details"), dict) else None
         elif isinstance(info, str):
             message = info
         if not message and body and isinstance(body.get("message"), str):
@@ -2995,7 +3001,7 @@ class _Service:
         retry_after = _parse_retry_after(result.headers.get("retry-after"))
         return self._error(
             message, status_code=result.status, error_code=code, response=result.public,
-            request_id=_request_id(result, body), retry_after=retry_after,
+            request_id=_request_id(result, body), retry_after=retry_after, details=details,
         )
 
 
@@ -3021,6 +3027,19 @@ def _scrub_error(exc: SpapsError, secrets: List[str]) -> None:
     if message != exc.message:
         exc.message = message
         exc.args = (message,)
+    if exc.details:
+        exc.details = _scrub_json(exc.details, secrets)
+
+
+def _scrub_json(value: Any, secrets: List[str]) -> Any:
+    if isinstance(value, str):
+        return _scrub(value, secrets)
+    if isinstance(value, dict):
+        return {_scrub(str(key), secrets): _scrub_json(item, secrets)
+                for key, item in value.items()}
+    if isinstance(value, list):
+        return [_scrub_json(item, secrets) for item in value]
+    return value
 
 
 def _content_type(result: _Result) -> str:
@@ -3402,6 +3421,22 @@ class CryptoPaymentsClient(_Service):
         return reply.parse(CryptoReconcileJob, reply.data())
 
 
+def _token_subject(token: Optional[str]) -> Optional[str]:
+    """The ``sub`` claim of a JWT, or ``None`` when ``token`` is not one."""
+    import base64
+    import json
+
+    parts = (token or "").split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except ValueError:  # binascii.Error, invalid UTF-8 and invalid JSON are all ValueErrors
+        return None
+    subject = claims.get("sub") if isinstance(claims, dict) else None
+    return subject if isinstance(subject, str) and subject else None
+
+
 def _decimal_text(amount: Union[str, int, float]) -> str:
     if isinstance(amount, bool) or not isinstance(amount, (str, int, float)):
         raise TypeError(f"amount must be a decimal string or number, got {type(amount).__name__}")
@@ -3612,7 +3647,9 @@ class UsageClient(_Service):
         """
         body = {"feature_key": feature_key, "resource_type": resource_type,
                 "dimensions": dict(dimensions), **_pick(
-                    resource_id=resource_id, subject_user_id=subject_user_id,
+                    resource_id=resource_id,
+                    subject_user_id=self._subject(resource_type, subject_user_id,
+                                                  access_token_override),
                     metadata=metadata)}
         reply = self._call("POST", "/api/usage/authorize", body=body,
                            token=access_token_override)
@@ -3668,7 +3705,9 @@ class UsageClient(_Service):
         body = {"authorization_ref": authorization_ref, "idempotency_key": idempotency_key,
                 "feature_key": feature, "resource_type": resource_type,
                 "dimensions": dict(dimensions), **_pick(
-                    resource_id=resource_id, subject_user_id=subject_user_id,
+                    resource_id=resource_id,
+                    subject_user_id=self._subject(resource_type, subject_user_id,
+                                                  access_token_override),
                     metadata=metadata, occurred_at=timestamp)}
         reply = self._call("POST", "/api/usage/record", body=body, token=access_token_override,
                            idempotency_key=idempotency_key)
@@ -3676,16 +3715,28 @@ class UsageClient(_Service):
         totals = _object_at(data, "window_totals")
         current: Dict[str, Any] = {}
         if quantity is not None and len(dimensions) == 1:
-            (name, amount), = dimensions.items()
+            (name,) = dimensions
             used = totals.get(name)
+            # "remaining" of an authorization already counts the use it authorizes.
             left = authorization.remaining.get(name) if authorization else None
             if isinstance(left, (int, float)):
-                current["remaining"] = left - amount
+                current["remaining"] = left
                 if isinstance(used, (int, float)):
-                    current["limit"] = used + left - amount
+                    current["limit"] = used + left
             current["used"] = used
         return reply.parse(UsageRecordResult, {
             "feature": feature, "quantity": quantity, "current_usage": current, **data})
+
+    def _subject(self, resource_type: str, subject_user_id: Optional[str],
+                 token: Optional[str]) -> Optional[str]:
+        """The user a ``user`` usage counts for: given, or the signed-in user.
+
+        SPAPS requires it; the signed-in user's id is the ``sub`` of the access token
+        (read, not verified: the server verifies the token that comes with it).
+        """
+        if subject_user_id is not None or resource_type != "user":
+            return subject_user_id
+        return _token_subject(token or self._ctx.tokens.peek())
 
     def _dimension_of(self, feature: str, token: Optional[str]) -> str:
         """The one dimension ``feature`` is metered in, from ``get_features`` (cached)."""

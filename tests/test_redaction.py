@@ -288,3 +288,60 @@ def test_logging_hooks_accept_a_dict(server: MockServer) -> None:
                      ) as spaps:
         spaps.metrics.health()
     assert seen == [server.url + "/health"]
+
+
+# --------------------------------------------------------------------------------------------
+# Server text that echoes a secret is scrubbed before it reaches the exception
+# --------------------------------------------------------------------------------------------
+
+
+def _echoing_error(status: int, code: str, *echoed: str) -> dict:
+    import json
+
+    text = "rejected: " + " / ".join(echoed)
+    return {"status": status, "content_type": "application/json", "raw_body": json.dumps({
+        "success": False,
+        "error": {"code": code, "message": text, "details": {"fields": {"input": text}}},
+    })}
+
+
+def test_password_echoed_by_the_server_is_scrubbed(server: MockServer,
+                                                    client: SpapsClient) -> None:
+    server.inject("POST", "/api/auth/login",
+                  _echoing_error(400, "WEAK_PASSWORD", DEMO_PASSWORD, API_KEY))
+    with pytest.raises(AuthError) as caught:
+        client.auth.sign_in_with_password(email=DEMO_EMAIL, password=DEMO_PASSWORD)
+    error = caught.value
+    assert error.error_code == "WEAK_PASSWORD"
+    assert "[redacted]" in str(error)
+    assert_free_of([str(error), repr(error), repr(error.args), repr(error.details)],
+                   [DEMO_PASSWORD, API_KEY])
+
+
+def test_tokens_echoed_by_the_server_are_scrubbed(server: MockServer,
+                                                  signed_in: SpapsClient) -> None:
+    secrets = secrets_of(signed_in)
+    access, refresh = secrets[1], secrets[2]
+    server.inject("GET", "/api/sessions/current",
+                  _echoing_error(403, "FORBIDDEN", access, refresh, API_KEY))
+    with pytest.raises(SessionError) as caught:
+        signed_in.sessions.get_current_session()
+    assert_free_of([str(caught.value), repr(caught.value), repr(caught.value.details)], secrets)
+    # A refresh that fails with the server quoting the refresh token leaks nothing either.
+    server.inject("POST", "/api/auth/refresh",
+                  _echoing_error(401, "INVALID_REFRESH_TOKEN", refresh))
+    with pytest.raises(AuthError) as refused:
+        signed_in.auth.refresh_tokens(refresh_token=refresh)
+    assert refused.value.error_code == "INVALID_REFRESH_TOKEN"
+    assert_free_of([str(refused.value), repr(refused.value.details)], [refresh])
+
+
+def test_percent_encoded_echo_is_scrubbed_too(server: MockServer, client: SpapsClient) -> None:
+    from urllib.parse import quote
+
+    password = "p@ss w/rd+secret"
+    server.inject("POST", "/api/auth/login",
+                  _echoing_error(400, "INVALID_CREDENTIALS", quote(password, safe="")))
+    with pytest.raises(AuthError) as caught:
+        client.auth.sign_in_with_password(email=DEMO_EMAIL, password=password)
+    assert quote(password, safe="") not in str(caught.value)
