@@ -3137,7 +3137,7 @@ class AuthClient(_Service):
     def send_magic_link(self, *, email: str) -> MagicLinkSendResponse:
         """Email a one-time sign-in link to ``email``."""
         reply = self._call("POST", "/api/auth/magic-link", auth=_KEY, body={"email": email})
-        return self._message_with_data(reply, MagicLinkSendResponse)
+        return self._message_with_data(reply, MagicLinkSendResponse, "Magic link sent")
 
     def verify_magic_link(self, *, token: str, type: str = "magiclink") -> MagicLinkAuthResponse:
         """Sign in with the token from a magic link; stores the tokens."""
@@ -3182,14 +3182,15 @@ class AuthClient(_Service):
         """Email a password-reset link (answers the same whether or not the user exists)."""
         reply = self._call("POST", "/api/auth/password-reset", auth=_KEY,
                            body={"email": email, **_pick(redirect_url=redirect_url)})
-        return self._message_with_data(reply, PasswordResetRequestResponse)
+        return self._message_with_data(reply, PasswordResetRequestResponse,
+                                       "Password reset requested")
 
     def confirm_password_reset(self, *, token: str, new_password: str) -> MessageResponse:
         """Set a new password with the token from a reset email."""
         reply = self._call("POST", "/api/auth/reset-password-confirm", auth=_KEY,
                            body={"token": token, "new_password": new_password})
         return reply.parse(MessageResponse, {"message": reply.first_text(
-            reply.body.get("message"), reply.data().get("message"))})
+            reply.body.get("message"), reply.data().get("message")) or "Password changed"})
 
     def get_stored_tokens(self) -> Optional[StoredTokens]:
         """The stored tokens (``None`` without storage or tokens)."""
@@ -3246,10 +3247,13 @@ class AuthClient(_Service):
         self._store(access, refresh if isinstance(refresh, str) and refresh else None,
                     expires_in, token_type if isinstance(token_type, str) else "Bearer")
 
-    def _message_with_data(self, reply: _Reply, model: Type[_M]) -> _M:
+    def _message_with_data(self, reply: _Reply, model: Type[_M], default: str) -> _M:
+        """A confirmation: ``default`` stands in when the server says nothing (SPAPS 0.6
+        answers a password-reset request with ``{email, sent_at}`` only)."""
         data = reply.data()
         return reply.parse(model, {
-            **data, "message": reply.first_text(reply.body.get("message"), data.get("message")),
+            **data, "message": reply.first_text(reply.body.get("message"), data.get("message"))
+            or default,
         })
 
 
