@@ -1,15 +1,47 @@
 """A stateful, zero-dependency emulator of the SPAPS auth & payments API (think stripe-mock).
 
-The emulator speaks the wire contract in ``spaps-api.md``: the same paths, body field names,
-response envelopes and error codes, backed by real in-memory state (users, sessions, rotating
-refresh tokens, balances, usage, invoices, whitelist, secure messages).  On top of that it records
-every request, counts TCP connections and lets tests inject transport faults, so client retry,
-keep-alive and token-refresh logic can be exercised against real sockets.
+The emulator answers like the real server, ``spaps-server-quickstart`` 0.6.6, as measured on the
+wire (``tests/test_fidelity.py`` compares the two call by call): the same paths, body fields,
+status codes, envelopes and error codes, backed by real in-memory state (users, sessions,
+rotating refresh tokens, entitlements and usage, invoices, whitelist, memberships, secure
+messages).  On top of that it records every request, counts TCP connections and lets tests
+inject transport faults, so client retry, keep-alive and token-refresh logic can be exercised
+against real sockets.
+
+What it reproduces of the real server:
+
+* Envelopes: ``{"success": true, "data": ..., "request_id", "timestamp"}`` and
+  ``{"success": false, "error": {"code", "message", "details"}, "request_id", "timestamp"}``;
+  an ``X-Request-ID`` header equal to ``request_id`` (an inbound one is echoed).
+  ``/health/ready`` and ``/api/metrics/json`` carry ``metadata.timestamp`` and no
+  ``request_id``; ``/api/metrics`` is Prometheus text.
+* Statuses: 201 for register, whitelist add, secure message, crypto invoice, usage record,
+  membership and entitlement grants; 204 without a body for ``DELETE /api/sessions/{id}`` and
+  ``DELETE /api/v1/whitelist/{email}``; 307 from ``GET /api/sessions`` to ``/api/sessions/``;
+  400 ``VALIDATION_ERROR`` with ``details.fields`` (never 422), malformed JSON included; 501
+  ``NOT_IMPLEMENTED`` for the eight 0.1.2 ``/api/payments/*`` routes (crypto excepted).
+* Tokens: every login, register, magic-link verify and refresh opens a new session.  A refresh
+  consumes its token; the same client (peer IP and User-Agent) re-sending it within 60 s gets
+  the identical successor pair, anyone else gets 401 ``REFRESH_TOKEN_REPLAY`` and every refresh
+  token of that user is revoked.  Old access tokens stay valid after a refresh.  Logout revokes
+  the access token, and the refresh token only when the body names it.
+  ``POST /api/sessions/touch`` spends the session's refresh token.
+  ``DELETE /api/sessions/{id}`` revokes that session's tokens.
+* Usage works as authorize -> record after an admin granted an entitlement
+  (``POST /api/entitlements/manual``); secure messages need both participants to be
+  application members (``POST /api/users/memberships``, admin).
+
+Where it knowingly differs: ``POST /api/auth/wallet-sign-in`` signs in (the real 0.6.6 answers
+every valid signature with a 500) and accepts an unused nonce message as the proof, as
+signatures cannot be checked with the stdlib; Stripe checkout works for prices seeded with
+:meth:`MockServer.add_price` (the real server would need a Stripe account); rate limits are off
+unless ``rate_limit=True``.  See "How close the emulator is to the real server" in
+``docs/testing.md``.
 
 Command line (serves until SIGINT/SIGTERM)::
 
-    python -m spaps_mock [--host 127.0.0.1] [--port 3300] [--access-token-ttl 900]
-                         [--api-key KEY] [--no-seed] [--verbose]
+    python -m spaps_mock [--host 127.0.0.1] [--port 3300] [--access-token-ttl 3600]
+                         [--api-key KEY] [--no-seed] [--rate-limit] [--verbose]
 
 It prints exactly one line, ``spaps_mock listening on http://HOST:PORT``, once it accepts
 connections (use ``--port 0`` to pick a free port and parse the URL from that line).
@@ -39,23 +71,32 @@ Example pytest fixture::
         client.auth.sign_in_with_password(email="demo@example.com", password="demo-password")
         assert spaps_server.request_count("POST", "/api/auth/login") == 1
 
-Seeded state (``seed=True``): user ``demo@example.com`` / ``demo-password`` (username ``demo``,
-tier ``basic``).  Every user gets the usage features ``api_calls`` (limit 1000) and
-``storage_gb`` (limit 10), a USD balance starting at 0.0 and an active subscription ``sub_demo``.
+Seeded state (``seed=True``):
+
+* user ``demo@example.com`` / ``demo-password`` (username ``demo``, tier ``basic``, roles
+  ``["user"]``);
+* admin ``admin@example.com`` / ``Admin-Password-1`` (:data:`ADMIN_EMAIL`,
+  :data:`ADMIN_PASSWORD`, id :data:`ADMIN_USER_ID`), roles ``["admin", "super_admin"]``,
+  ``isAdmin: true``, like the real server's seeded super-admin;
+* one application, :data:`APPLICATION_ID`; no entitlements, memberships, prices or whitelist
+  entries.
 
 Out-of-process control (no API key needed, never recorded in ``requests``): ``POST
 /__mock__/inject`` ``{method, path, actions}``, ``POST /__mock__/clear-faults``, ``GET
 /__mock__/stats``, ``POST /__mock__/reset-stats``, ``POST /__mock__/expire-tokens``, ``POST
 /__mock__/close-idle``, ``POST /__mock__/users``, ``GET /__mock__/magic-link?email=``, ``GET
-/__mock__/password-reset?email=``, ``POST /__mock__/config`` ``{access_token_ttl, api_key}``,
-``POST /__mock__/invoices/<id>`` ``{status}``.
+/__mock__/password-reset?email=``, ``POST /__mock__/config`` ``{access_token_ttl, api_key,
+rate_limit}``, ``POST /__mock__/invoices/<id>`` ``{status}``, ``POST /__mock__/prices``
+``{price_id, unit_amount, currency, product_name, recurring_interval}``.
 
 Fault actions for :meth:`MockServer.inject` (all keys optional, one action per matching request):
 
 ``status``        answer with this status and the error envelope instead of processing
-``code``          error code for ``status`` (default ``SERVER_ERROR``, ``RATE_LIMITED`` for 429)
+``code``          error code for ``status`` (default ``SERVER_ERROR``, ``RATE_LIMIT_EXCEEDED``
+                  for 429)
 ``message``       error message for ``status``
-``retry_after``   value of a ``Retry-After`` response header
+``retry_after``   value of a ``Retry-After`` response header (also ``details.retry_after`` of
+                  an injected 429)
 ``delay``         seconds to sleep before handling
 ``drop``          ``"before_read"`` (reset the connection after the request head, body unread),
                   ``"after_read"`` (read everything, close without processing or answering),
@@ -70,7 +111,9 @@ Fault actions for :meth:`MockServer.inject` (all keys optional, one action per m
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import hashlib
 import hmac
 import http.server
 import json
@@ -88,14 +131,25 @@ import traceback
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from email.utils import formatdate
 from types import FrameType
 from typing import Any, Callable, Deque, Dict, Mapping, Sequence, Tuple, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
-__all__ = ["MockServer", "RecordedRequest", "main"]
+__all__ = [
+    "ADMIN_EMAIL",
+    "ADMIN_PASSWORD",
+    "ADMIN_USER_ID",
+    "APPLICATION_ID",
+    "MockServer",
+    "RecordedRequest",
+    "main",
+]
+
+# Needed at class-definition time (a default argument); the real server's JWT_EXPIRES_IN=1h.
+_DEFAULT_ACCESS_TTL = 3600.0
 
 
 # =================================================================================================
@@ -135,10 +189,15 @@ class MockServer:
     """A stateful SPAPS emulator serving real HTTP/1.1 (keep-alive) on a background thread.
 
     ``port=0`` picks a free port; :attr:`url` is known once :meth:`start` returned.
-    ``api_key=None`` accepts any non-empty ``X-API-Key``; a string must match exactly.
-    ``access_token_ttl`` (seconds, may be fractional) applies to access tokens issued after it
-    is set and can be changed at runtime.  ``seed=False`` starts without the demo user.
-    All state lives behind one lock, so the server is safe to drive from many client threads.
+    ``api_key=None`` accepts any non-empty key; a string must match exactly (else 401
+    ``INVALID_APPLICATION`` "Invalid API key").  ``access_token_ttl`` (seconds, may be
+    fractional; 3600 like the real server) applies to access tokens issued after it is set and
+    can be changed at runtime.  ``seed=False`` starts without the demo and admin users.
+    ``clock`` (a ``time.time``-like callable) drives every lifetime: tokens, sessions, the 60 s
+    refresh grace, nonces, usage windows, so tests can move time instead of sleeping.
+    ``rate_limit=True`` switches on the real server's per-application limits (off by default,
+    as the real harness exempts loopback).  All state lives behind one lock, so the server is
+    safe to drive from many client threads.
     """
 
     def __init__(
@@ -146,20 +205,32 @@ class MockServer:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
-        access_token_ttl: float = 900.0,
+        access_token_ttl: float = _DEFAULT_ACCESS_TTL,
         api_key: str | None = None,
         seed: bool = True,
         verbose: bool = False,
+        clock: Callable[[], float] = time.time,
+        rate_limit: bool = False,
     ) -> None:
         self.host = host
         self.port = port
         self.api_key = api_key
         self.verbose = verbose
+        self.rate_limit = rate_limit
         self._lock = threading.RLock()
-        self._store = _Store(_check_ttl(access_token_ttl))
+        self._store = _Store(_check_ttl(access_token_ttl), clock)
         if seed:
             self._store.create_user(
                 email=_DEMO_EMAIL, password=_DEMO_PASSWORD, username="demo", tier="basic"
+            )
+            # Like the real server's seeded super-admin: whitelist writes, memberships and
+            # entitlement grants need one.
+            self._store.create_user(
+                email=ADMIN_EMAIL,
+                password=ADMIN_PASSWORD,
+                username="admin",
+                user_id=ADMIN_USER_ID,
+                is_admin=True,
             )
         self._api = _Api(self)
         self._faults: dict[tuple[str, str], Deque[_Fault]] = {}
@@ -167,7 +238,6 @@ class MockServer:
         self._connections_opened = 0
         self._conns: set[_Conn] = set()
         self._metrics: dict[tuple[str, str, int], int] = {}
-        self._started_at = time.time()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -188,7 +258,6 @@ class MockServer:
                 raise RuntimeError("MockServer is already running")
             httpd = _HTTPServer((self.host, self.port), self)
             self.port = httpd.server_port
-            self._started_at = time.time()
             self._httpd = httpd
         thread = threading.Thread(
             target=httpd.serve_forever,
@@ -273,7 +342,8 @@ class MockServer:
         """Create a user and return its public representation (including ``id``).
 
         Accepted fields: ``id``, ``username``, ``phone_number``, ``tier``, ``email_confirmed``,
-        ``metadata`` and ``wallets`` (addresses or ``{wallet_address, chain_type, verified}``).
+        ``metadata``, ``is_admin`` and ``wallets`` (addresses or ``{wallet_address,
+        chain_type, verified}``).  No password rules apply here, unlike ``register``.
         Raises ``ValueError`` for a duplicate email/id or an unknown field.
         """
         with self._lock:
@@ -301,12 +371,45 @@ class MockServer:
             invoice = self._store.invoices.get(invoice_id)
             if invoice is None:
                 raise KeyError(invoice_id)
-            invoice.set_status(status)
+            invoice.set_status(status, self._store.now())
+
+    def add_price(
+        self,
+        price_id: str,
+        *,
+        unit_amount: int = 1000,
+        currency: str = "usd",
+        product_name: str = "Mock product",
+        recurring_interval: str | None = None,
+    ) -> dict[str, Any]:
+        """Seed a server-managed Stripe price so ``POST /api/stripe/checkout-sessions`` with
+        ``line_items=[{"price_id": price_id, "quantity": n}]`` succeeds (the real server needs
+        a Stripe account for that; unknown prices are 404 ``PRICE_NOT_FOUND`` on both)."""
+        if not isinstance(price_id, str) or not price_id:
+            raise ValueError("price_id must be a non-empty string")
+        if isinstance(unit_amount, bool) or not isinstance(unit_amount, int) or unit_amount < 0:
+            raise ValueError("unit_amount must be an int >= 0 (minor currency units)")
+        with self._lock:
+            price = _Price(
+                id=price_id,
+                product_id="prod_" + price_id,
+                product_name=product_name,
+                unit_amount=unit_amount,
+                currency=currency.lower(),
+                recurring_interval=recurring_interval,
+            )
+            self._store.prices[price_id] = price
+            return {
+                "price_id": price.id,
+                "product_id": price.product_id,
+                "unit_amount": price.unit_amount,
+                "currency": price.currency,
+            }
 
     def expire_access_tokens(self) -> None:
         """Make every access token issued so far expired (later ones are unaffected)."""
         with self._lock:
-            now = time.time()
+            now = self._store.now()
             for token in self._store.access_tokens.values():
                 token.expires_at = min(token.expires_at, now - 0.001)
 
@@ -367,6 +470,8 @@ class MockServer:
         with self._lock:
             key = (method, route, status)
             self._metrics[key] = self._metrics.get(key, 0) + 1
+            self._store.requests_total += 1
+            self._store.errors_total += status >= 400
 
     def _register_conn(self, conn: _Conn) -> None:
         with self._lock:
@@ -395,10 +500,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (127.0.0.1)")
     parser.add_argument("--port", type=int, default=3300, help="port, 0 picks a free one (3300)")
     parser.add_argument(
-        "--access-token-ttl", type=float, default=900.0, help="access token lifetime in seconds"
+        "--access-token-ttl",
+        type=float,
+        default=_DEFAULT_ACCESS_TTL,
+        help="access token lifetime in seconds (3600)",
     )
     parser.add_argument("--api-key", default=None, help="required X-API-Key (default: any)")
-    parser.add_argument("--no-seed", action="store_true", help="start without the demo user")
+    parser.add_argument(
+        "--no-seed", action="store_true", help="start without the demo and admin users"
+    )
+    parser.add_argument(
+        "--rate-limit", action="store_true", help="enforce the real server's rate limits"
+    )
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
     args = parser.parse_args(argv)
 
@@ -410,6 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             api_key=args.api_key,
             seed=not args.no_seed,
             verbose=args.verbose,
+            rate_limit=args.rate_limit,
         )
         server.start()
     except (OSError, ValueError) as exc:
@@ -439,32 +553,74 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 _DEMO_EMAIL = "demo@example.com"
 _DEMO_PASSWORD = "demo-password"  # noqa: S105 - the documented seeded demo login
-_APP_ID = "app_mock"
+ADMIN_EMAIL = "admin@example.com"
+ADMIN_PASSWORD = "Admin-Password-1"  # noqa: S105 - the documented seeded admin login
+ADMIN_USER_ID = "5bdb0db2-0000-4000-8000-00000000ad01"
+APPLICATION_ID = "00000000-0000-4000-8000-00000000a001"
 _CONTROL_PREFIX = "/__mock__/"
-_MIN_PASSWORD = 8
-_SESSION_LIFETIME = 30 * 86400.0
+_VERSION = "1.0.0"
+_REFRESH_LIFETIME = 365 * 86400.0
+_SESSION_LIFETIME = 365 * 86400.0
+_REFRESH_GRACE = 60.0
 _NONCE_TTL = 300.0
-_MAGIC_LINK_TTL = 900.0
+_MAGIC_LINK_TTL = 3600.0
 _RESET_TTL = 3600.0
-_INVOICE_TTL = 900
+_AUTHORIZATION_TTL = 300.0
+_CHECKOUT_TTL = 86400.0
 _MAX_BODY = 10 * 1024 * 1024
-_DEPOSIT_CONFIRMATIONS = 12
-_FINAL_INVOICE_STATES = frozenset({"confirmed", "settled", "overpaid", "underpaid"})
-_PAID_INVOICE_STATES = frozenset({"confirmed", "settled", "overpaid"})
-_CHECKOUT_MODES = ("payment", "subscription", "setup")
-
-# name -> (limit, description, unit price in USD used for history costs)
-_FEATURES: Dict[str, Tuple[float, str, float]] = {
-    "api_calls": (1000, "API calls per billing period", 0.001),
-    "storage_gb": (10, "Storage in gigabytes", 0.10),
-}
-
-_ISO_TIMESTAMP = re.compile(
-    r"^(\d{4}-\d{2}-\d{2})([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?)?$"
+_USER_PERMISSIONS = ("approval_request.read", "approval_request.review", "view_products")
+_ADMIN_PERMISSIONS = (
+    "access_admin",
+    "access_super_admin",
+    "approval_request.read",
+    "approval_request.review",
+    "manage_users",
+    "view_products",
+    "view_users",
 )
-_DECIMAL_AMOUNT = re.compile(r"^\d+(\.\d+)?$")
+_CRYPTO_ASSETS = frozenset({"USDC", "USDT", "ETH", "SOL", "BTC"})
+_CRYPTO_NETWORKS = frozenset({"base", "ethereum", "solana", "polygon", "arbitrum", "optimism"})
+_PAID_INVOICE_STATES = frozenset({"confirmed", "settled", "overpaid", "underpaid", "paid"})
+# The eight 0.1.2 PaymentsClient routes: the real 0.6.6 server answers all of them with 501.
+_PAYMENT_STUBS = (
+    ("POST", "/api/payments/create-checkout-session"),
+    ("GET", "/api/payments/balance"),
+    ("POST", "/api/payments/create-payment-intent"),
+    ("POST", "/api/payments/update-payment-method"),
+    ("POST", "/api/payments/wallet-deposit"),
+    ("GET", "/api/payments/wallet-transaction/{transaction_id}"),
+    ("GET", "/api/payments/subscription/{subscription_id}"),
+    ("POST", "/api/payments/cancel-subscription"),
+)
+# route template -> (requests, window seconds), shared by the whole application like the
+# real server's per-application buckets.
+_RATE_LIMITS: Dict[str, Tuple[int, float]] = {
+    "/api/auth/login": (10, 60.0),
+    "/api/auth/refresh": (10, 60.0),
+    "/api/auth/nonce": (10, 60.0),
+    "/api/auth/wallet-sign-in": (10, 60.0),
+    "/api/auth/magic-link": (5, 60.0),
+    "/api/auth/register": (15, 60.0),
+}
+_SECURITY_HEADERS = {
+    "x-spaps-mode": "standard",
+    "x-spaps-environment": "development",
+    "vary": "Origin",
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+}
+_INVALID_REFRESH = "Your session has expired. Please sign in again."
+_REPLAY = "Refresh token already consumed (possible replay)"
+_MAGIC_LINK_INVALID = "This magic link has expired or already been used. Request a new one."
+_ENTITLEMENT_REQUIRED = (
+    "Access to this feature requires an active subscription. Upgrade your account or contact "
+    "support."
+)
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$")
+_EST = timezone(timedelta(hours=-5))
 
 _Json = Dict[str, Any]
+_Clock = Callable[[], float]
 
 
 def _check_ttl(value: float) -> float:
@@ -473,33 +629,24 @@ def _check_ttl(value: float) -> float:
     return float(value)
 
 
-def _new_id(prefix: str) -> str:
-    return prefix + secrets.token_hex(12)
-
-
-def _new_request_id() -> str:
-    return "req_" + secrets.token_hex(12)
+def _uuid() -> str:
+    return str(uuid.uuid4())
 
 
 def _iso(ts: float) -> str:
-    dt = datetime.fromtimestamp(ts, tz=timezone.utc)
-    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="microseconds")
 
 
-def _date_of(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d")
+def _iso_z(ts: float) -> str:
+    # Usage and membership rows are rendered by another serializer on the real server.
+    return _iso(ts).replace("+00:00", "Z")
 
 
-def _month_bounds(ts: float) -> tuple[float, float]:
+def _month_window(ts: float) -> tuple[str, float, float]:
     dt = datetime.fromtimestamp(ts, tz=timezone.utc)
     start = datetime(dt.year, dt.month, 1, tzinfo=timezone.utc)
     end = datetime(dt.year + (dt.month == 12), dt.month % 12 + 1, 1, tzinfo=timezone.utc)
-    return start.timestamp(), end.timestamp()
-
-
-def _number(value: float) -> float:
-    # Whole numbers are rendered as ints so that quantities like 5 do not come back as 5.0.
-    return int(value) if float(value).is_integer() and abs(value) < 2**53 else value
+    return f"{dt.year:04d}-{dt.month:02d}", start.timestamp(), end.timestamp()
 
 
 def _latest_token(tokens: Mapping[str, _OneTimeToken], email: str) -> str | None:
@@ -508,6 +655,18 @@ def _latest_token(tokens: Mapping[str, _OneTimeToken], email: str) -> str | None
         if token.email.lower() == wanted:
             return token.token
     return None
+
+
+def _is_uuid(value: object) -> bool:
+    return isinstance(value, str) and _UUID.match(value) is not None
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _drop_none(values: _Json) -> _Json:
+    return {k: v for k, v in values.items() if v is not None}
 
 
 # =================================================================================================
@@ -519,13 +678,19 @@ class _ApiError(Exception):
     """An error answered with the SPAPS error envelope."""
 
     def __init__(
-        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        details: _Json | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers or {}
+        self.details = details or {}
 
 
 @dataclass
@@ -537,8 +702,8 @@ class _Response:
     route: str = "unmatched"
 
 
-def _metadata(request_id: str) -> _Json:
-    return {"request_id": request_id, "timestamp": _iso(time.time())}
+def _now_iso() -> str:
+    return _iso(time.time())
 
 
 def _json_response(status: int, payload: Any, headers: dict[str, str] | None = None) -> _Response:
@@ -547,92 +712,86 @@ def _json_response(status: int, payload: Any, headers: dict[str, str] | None = N
 
 
 def _error_response(
-    request_id: str, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    request_id: str,
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    details: _Json | None = None,
 ) -> _Response:
     payload = {
         "success": False,
-        "error": {"code": code, "message": message},
-        "metadata": _metadata(request_id),
+        "error": {"code": code, "message": message, "details": dict(details or {})},
+        "request_id": request_id,
+        "timestamp": _now_iso(),
     }
     return _json_response(status, payload, headers)
 
 
-def _validation(message: str) -> _ApiError:
-    return _ApiError(400, "VALIDATION_ERROR", message)
+def _validation(message: str = "Request validation failed", **fields: str) -> _ApiError:
+    details: _Json = {"fields": fields} if fields else {}
+    return _ApiError(400, "VALIDATION_ERROR", message, details=details)
 
 
-def _missing(name: str) -> _ApiError:
-    return _validation(f"Field '{name}' is required")
+def _fields_error(fields: Mapping[str, str]) -> _ApiError:
+    return _ApiError(
+        400, "VALIDATION_ERROR", "Request validation failed", details={"fields": dict(fields)}
+    )
 
 
-def _req_str(body: _Json, name: str) -> str:
-    value = body.get(name)
-    if value is None:
-        raise _missing(name)
-    if not isinstance(value, str) or not value.strip():
-        raise _validation(f"Field '{name}' must be a non-empty string")
-    return value
+# Field kinds understood by _Schema, each with the pydantic message the real server reports.
+_KIND_MESSAGES = {
+    "str": "Input should be a valid string",
+    "email": "value is not a valid email address: An email address must have an @-sign.",
+    "bool": "Input should be a valid boolean",
+    "dict": "Input should be a valid dictionary",
+    "list": "Input should be a valid list",
+    "int": "Input should be a valid integer",
+    "uuid": "Input should be a valid UUID",
+}
 
 
-def _opt_str(body: _Json, name: str) -> str | None:
-    value = body.get(name)
-    if value is not None and not isinstance(value, str):
-        raise _validation(f"Field '{name}' must be a string")
-    return value
+def _kind_ok(kind: str, value: Any) -> bool:
+    if kind in ("str", "email"):
+        return isinstance(value, str) and (kind == "str" or "@" in value.strip()[1:-1])
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "dict":
+        return isinstance(value, dict)
+    if kind == "list":
+        return isinstance(value, list)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "uuid":
+        return _is_uuid(value)
+    raise AssertionError(kind)
 
 
-def _opt_bool(body: _Json, name: str) -> bool | None:
-    value = body.get(name)
-    if value is not None and not isinstance(value, bool):
-        raise _validation(f"Field '{name}' must be a boolean")
-    return value
+def _check_fields(body: _Json, spec: Sequence[tuple[str, str, bool]]) -> None:
+    """Validate like pydantic does on the real server: report every bad field at once."""
+    errors: dict[str, str] = {}
+    for name, kind, required in spec:
+        value = body.get(name)
+        if value is None:
+            if required:
+                errors[name] = "Field required"
+        elif not _kind_ok(kind, value):
+            errors[name] = _KIND_MESSAGES[kind]
+    if errors:
+        raise _fields_error(errors)
 
 
-def _opt_dict(body: _Json, name: str) -> _Json | None:
-    value = body.get(name)
-    if value is not None and not isinstance(value, dict):
-        raise _validation(f"Field '{name}' must be an object")
-    return value
-
-
-def _req_positive(body: _Json, name: str, *, integer: bool = False) -> float:
-    value = body.get(name)
-    if value is None:
-        raise _missing(name)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or (integer and not isinstance(value, int))
-    ):
-        raise _validation(f"Field '{name}' must be {'an integer' if integer else 'a number'}")
-    if not math.isfinite(value) or value <= 0:
-        raise _validation(f"Field '{name}' must be greater than 0")
-    return value
-
-
-def _req_email(body: _Json, name: str = "email") -> str:
-    value = _req_str(body, name).strip()
-    if "@" not in value:
-        raise _validation(f"Field '{name}' must be an email address")
-    return value
+_PASSWORD_RULES: tuple[tuple[str, Callable[[str], bool]], ...] = (
+    ("at least 8 characters", lambda p: len(p) >= 8),
+    ("at least 1 uppercase letter", lambda p: any(c.isupper() for c in p)),
+    ("at least 1 digit", lambda p: any(c.isdigit() for c in p)),
+)
 
 
 def _check_password(password: str) -> None:
-    if len(password) < _MIN_PASSWORD:
-        raise _ApiError(
-            400, "WEAK_PASSWORD", f"Password must be at least {_MIN_PASSWORD} characters long"
-        )
-
-
-def _timestamp_date(value: str, name: str) -> str:
-    match = _ISO_TIMESTAMP.match(value.strip())
-    if match is None:
-        raise _validation(f"Field '{name}' must be an ISO-8601 date or timestamp")
-    try:
-        datetime.strptime(match.group(1), "%Y-%m-%d")
-    except ValueError:
-        raise _validation(f"Field '{name}' is not a valid calendar date") from None
-    return match.group(1)
+    failing = [rule for rule, ok in _PASSWORD_RULES if not ok(password)]
+    if failing:
+        raise _ApiError(400, "WEAK_PASSWORD", "Password must contain: " + "; ".join(failing))
 
 
 @dataclass
@@ -650,6 +809,7 @@ class _Ctx:
     params: dict[str, str] = field(default_factory=dict)
     user_: _User | None = None
     session_: _Session | None = None
+    token: str | None = None
     previous_activity: float = 0.0
 
     @property
@@ -664,67 +824,66 @@ class _Ctx:
             raise RuntimeError("route requires authentication")
         return self.session_
 
-    def json_body(self) -> _Json:
+    @property
+    def user_agent(self) -> str:
+        return self.headers.get("user-agent", "")
+
+    def json_body(self, *, required: bool = True) -> _Json:
+        """The body as an object; the error details mirror FastAPI's on the real server."""
         if not self.body.strip():
+            if required:
+                raise _fields_error({"_root_": "Field required"})
             return {}
         try:
             value = json.loads(self.body)
-        except ValueError as exc:
-            raise _validation(f"Request body is not valid JSON: {exc}") from None
+        except ValueError:
+            raise _fields_error({"1": "JSON decode error"}) from None
         if not isinstance(value, dict):
-            raise _validation("Request body must be a JSON object")
+            raise _fields_error(
+                {"_root_": "Input should be a valid dictionary or object to extract fields from"}
+            )
         return value
 
     def query_str(self, name: str) -> str | None:
         values = self.query.get(name)
         return values[0] if values else None
 
-    def query_int(self, name: str, default: int | None) -> int | None:
+    def query_int(self, name: str, default: int, *, minimum: int = 0) -> int:
         raw = self.query_str(name)
         if raw is None or raw == "":
             return default
         try:
             value = int(raw)
         except ValueError:
-            raise _validation(f"Query parameter '{name}' must be an integer") from None
-        if value < 0:
-            raise _validation(f"Query parameter '{name}' must be >= 0")
+            raise _fields_error({f"query.{name}": _KIND_MESSAGES["int"]}) from None
+        if value < minimum:
+            raise _fields_error(
+                {f"query.{name}": f"Input should be greater than or equal to {minimum}"}
+            )
         return value
 
 
-def _success(ctx: _Ctx, data: Any = None, *, status: int = 200, **top: Any) -> _Response:
-    payload: _Json = {"success": True}
-    if data is not None:
-        payload["data"] = data
-    payload.update(top)
-    payload["metadata"] = _metadata(ctx.request_id)
+def _success(ctx: _Ctx, data: Any, *, status: int = 200) -> _Response:
+    payload: _Json = {
+        "success": True,
+        "data": data,
+        "request_id": ctx.request_id,
+        "timestamp": _now_iso(),
+    }
     return _json_response(status, payload)
+
+
+def _self_enveloped(data: Any) -> _Response:
+    # /health/ready and /api/metrics/json build their own envelope on the real server: no
+    # request_id in the body, a metadata.timestamp instead of a top-level one.
+    return _json_response(
+        200, {"success": True, "data": data, "metadata": {"timestamp": _now_iso()}}
+    )
 
 
 # =================================================================================================
 # Domain state
 # =================================================================================================
-
-
-@dataclass
-class _Subscription:
-    id: str
-    price_id: str
-    interval: str
-    status: str
-    current_period_start: float
-    current_period_end: float
-    cancel_at_period_end: bool = False
-
-    def detail(self) -> _Json:
-        return {
-            "subscription_id": self.id,
-            "status": self.status,
-            "plan": {"price_id": self.price_id, "interval": self.interval},
-            "current_period_start": _iso(self.current_period_start),
-            "current_period_end": _iso(self.current_period_end),
-            "cancel_at_period_end": self.cancel_at_period_end,
-        }
 
 
 @dataclass
@@ -736,15 +895,18 @@ class _User:
     phone_number: str | None
     tier: str
     email_confirmed: bool
-    metadata: _Json
+    metadata: _Json | None
     wallets: list[_Json]
     created_at: float
-    balance_available: float = 0.0
-    balance_pending: float = 0.0
-    usage: dict[str, float] = field(default_factory=lambda: {name: 0 for name in _FEATURES})
-    subscriptions: dict[str, _Subscription] = field(default_factory=dict)
-    deposits: dict[str, _Json] = field(default_factory=dict)
-    default_payment_method: str | None = None
+    is_admin: bool = False
+
+    @property
+    def roles(self) -> list[str]:
+        return ["admin", "super_admin"] if self.is_admin else ["user"]
+
+    @property
+    def permissions(self) -> list[str]:
+        return list(_ADMIN_PERMISSIONS if self.is_admin else _USER_PERMISSIONS)
 
     def wallet_addresses(self) -> list[str]:
         return [str(w["wallet_address"]) for w in self.wallets]
@@ -757,9 +919,8 @@ class _Session:
     created_at: float
     expires_at: float
     last_activity: float
-    user_agent: str | None
-    ip_address: str | None
-    refresh_token: str | None = None
+    user_agent: str
+    ip_address: str
     revoked: bool = False
 
 
@@ -767,6 +928,29 @@ class _Session:
 class _AccessToken:
     session_id: str
     expires_at: float
+    revoked: bool = False
+
+
+@dataclass
+class _Grace:
+    """What a consumed refresh token answered, replayed to the same client for a minute."""
+
+    ip: str
+    user_agent: str
+    until: float
+    data: _Json
+
+
+@dataclass
+class _RefreshToken:
+    token: str
+    session_id: str
+    user_id: str
+    expires_at: float
+    # active -> consumed (rotated or spent by touch) | revoked (logout body, replay) |
+    # deleted (its session was revoked with DELETE /api/sessions/{id})
+    state: str = "active"
+    grace: _Grace | None = None
 
 
 @dataclass
@@ -790,82 +974,146 @@ class _OneTimeToken:
 @dataclass
 class _Invoice:
     id: str
-    user_id: str
     asset: str
     network: str
     amount: str
-    expires_at: float
+    expires_at: float | None
     beneficiary: _Json | None
     metadata: _Json
+    created_at: float
     status: str = "pending"
-    finalized_at: float | None = None
-    settlement_ids: list[str] = field(default_factory=list)
+    updated_at: float = 0.0
+    settled_at: float | None = None
 
-    def set_status(self, status: str) -> None:
+    def set_status(self, status: str, now: float) -> None:
         self.status = status
-        if status in _FINAL_INVOICE_STATES and self.finalized_at is None:
-            self.finalized_at = time.time()
-        if status in _PAID_INVOICE_STATES and not self.settlement_ids:
-            self.settlement_ids.append(_new_id("ledg_"))
+        self.updated_at = now
+        if status in _PAID_INVOICE_STATES and self.settled_at is None:
+            self.settled_at = now
 
     def public(self) -> _Json:
         return {
             "id": self.id,
+            "application_id": APPLICATION_ID,
             "asset": self.asset,
             "network": self.network,
             "amount": self.amount,
             "status": self.status,
-            "expires_at": _iso(self.expires_at),
+            "underpaid": True if self.status == "underpaid" else None,
+            "overpaid": True if self.status == "overpaid" else None,
             "beneficiary": self.beneficiary,
             "metadata": self.metadata,
+            "destination": None,
+            "settlement": None,
+            "expires_at": None if self.expires_at is None else _iso(self.expires_at),
+            "settled_at": None if self.settled_at is None else _iso(self.settled_at),
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at or self.created_at),
         }
 
     def status_view(self) -> _Json:
-        try:
-            normalized = format(Decimal(self.amount).normalize(), "f")
-        except InvalidOperation:
-            normalized = self.amount
-        return {
-            "invoice_id": self.id,
-            "status": self.status,
-            "finalized_at": _iso(self.finalized_at) if self.finalized_at is not None else None,
-            "normalized_amount": normalized,
-            "settlement_ids": list(self.settlement_ids),
-            "underpaid": self.status == "underpaid",
-            "overpaid": self.status == "overpaid",
-        }
+        view = self.public()
+        return {k: view[k] for k in ("id", "status", "amount", "settled_at", "expires_at")}
 
 
 @dataclass
-class _UsageRecord:
+class _Entitlement:
+    id: str
     user_id: str
-    feature: str
-    quantity: float
-    date: str
+    key: str
+    features: list[str]
+    limits: dict[str, float]
+    granted_by: str
+    reason: str
+    metadata: _Json
+    created_at: float
+    grant_id: str = field(default_factory=_uuid)
+
+    def public(self) -> _Json:
+        created = _iso(self.created_at)
+        view: _Json = {
+            "id": self.id,
+            "application_id": APPLICATION_ID,
+            "beneficiary_user_id": self.user_id,
+            "beneficiary_email": None,
+            "entitlement_type": "access",
+            "entitlement_key": self.key,
+            "source": "manual",
+            "resource_type": "user",
+            "resource_id": None,
+            "starts_at": created,
+            "ends_at": None,
+            "revoked_at": None,
+            "suspended_at": None,
+            "suspension_reason": None,
+            "suspension_reference": None,
+            "last_stripe_dispute_event_created_at": None,
+            "crypto_invoice_id": None,
+            "stripe_product_id": None,
+            "stripe_price_id": None,
+            "stripe_subscription_id": None,
+            "stripe_session_id": None,
+            "stripe_invoice_id": None,
+            "manual_grant_id": self.grant_id,
+            "manual_grant_reason": self.reason,
+            "granted_by_user_id": self.granted_by,
+            "revoked_by_user_id": None,
+            "revoked_reason": None,
+            "metadata": self.metadata,
+            "created_at": created,
+            "updated_at": created,
+        }
+        return view
+
+
+@dataclass
+class _Authorization:
+    ref: str
+    feature_key: str
+    subject_user_id: str
+    expires_at: float
+
+
+@dataclass
+class _Price:
+    id: str
+    product_id: str
+    product_name: str
+    unit_amount: int
+    currency: str
+    recurring_interval: str | None
 
 
 class _Store:
     """All emulator state; callers must hold the server lock."""
 
-    def __init__(self, access_token_ttl: float) -> None:
+    def __init__(self, access_token_ttl: float, clock: _Clock) -> None:
         self.access_token_ttl = access_token_ttl
+        self.now = clock
+        self.started_at = clock()
+        self.jwt_secret = secrets.token_bytes(32)
         self.users: dict[str, _User] = {}
         self.user_ids_by_email: dict[str, str] = {}
         self.sessions: dict[str, _Session] = {}
         self.access_tokens: dict[str, _AccessToken] = {}
-        self.refresh_tokens: dict[str, str] = {}
+        self.refresh_tokens: dict[str, _RefreshToken] = {}
         self.nonces: dict[str, _Nonce] = {}
         self.magic_links: dict[str, _OneTimeToken] = {}
         self.reset_tokens: dict[str, _OneTimeToken] = {}
-        self.transaction_owners: dict[str, str] = {}
-        self.checkout_sessions: dict[str, _Json] = {}
-        self.payment_intents: dict[str, _Json] = {}
+        self.members: dict[str, _Json] = {}
+        self.entitlements: list[_Entitlement] = []
+        self.authorizations: dict[str, _Authorization] = {}
+        self.usage_events: list[_Json] = []
+        self.usage_by_key: dict[str, _Json] = {}
         self.invoices: dict[str, _Invoice] = {}
-        self.recon_jobs: list[_Json] = []
-        self.usage_records: list[_UsageRecord] = []
-        self.idempotent_usage: dict[tuple[str, str], _Json] = {}
         self.whitelist: dict[str, _Json] = {}
-        self.messages: list[tuple[str, _Json]] = []
+        self.messages: list[_Json] = []
+        self.prices: dict[str, _Price] = {}
+        self.checkout_sessions: list[tuple[str, _Json]] = []
+        self.checkout_by_key: dict[tuple[str, str], tuple[str, _Json]] = {}
+        self.rate_buckets: dict[str, list[float]] = {}
+        self.requests_total = 0
+        self.errors_total = 0
 
     # -- users -------------------------------------------------------------------------------
 
@@ -875,7 +1123,7 @@ class _Store:
 
     def user_by_wallet(self, address: str) -> _User | None:
         for user in self.users.values():
-            if address in user.wallet_addresses():
+            if address.lower() in (a.lower() for a in user.wallet_addresses()):
                 return user
         return None
 
@@ -891,13 +1139,13 @@ class _Store:
         metadata: _Json | None = None,
         wallets: list[_Json] | None = None,
         user_id: str | None = None,
+        is_admin: bool = False,
     ) -> _User:
         if email is not None and self.user_by_email(email) is not None:
-            raise _ApiError(409, "EMAIL_ALREADY_EXISTS", f"A user with email {email} exists")
-        user_id = user_id or _new_id("user_")
+            raise _ApiError(400, "EMAIL_ALREADY_EXISTS", "Email already registered")
+        user_id = user_id or _uuid()
         if user_id in self.users:
             raise _ApiError(409, "USER_ALREADY_EXISTS", f"A user with id {user_id} exists")
-        now = time.time()
         user = _User(
             id=user_id,
             email=email,
@@ -906,17 +1154,10 @@ class _Store:
             phone_number=phone_number,
             tier=tier,
             email_confirmed=email_confirmed,
-            metadata=dict(metadata or {}),
+            metadata=dict(metadata) if metadata else None,
             wallets=list(wallets or []),
-            created_at=now,
-        )
-        user.subscriptions["sub_demo"] = _Subscription(
-            id="sub_demo",
-            price_id="price_basic_monthly",
-            interval="month",
-            status="active",
-            current_period_start=now,
-            current_period_end=now + 30 * 86400,
+            created_at=self.now(),
+            is_admin=is_admin,
         )
         self.users[user.id] = user
         if email is not None:
@@ -935,102 +1176,185 @@ class _Store:
             "email_confirmed",
             "metadata",
             "wallets",
+            "is_admin",
         }
         unknown = sorted(set(fields) - allowed)
         if unknown:
             raise _validation(f"Unknown user field(s): {', '.join(unknown)}")
         body: _Json = dict(fields)
         body["email"], body["password"] = email, password
-        email_value = _req_email(body)
-        password_value = _req_str(body, "password")
+        _check_fields(
+            body,
+            [
+                ("email", "email", True),
+                ("password", "str", True),
+                ("id", "str", False),
+                ("username", "str", False),
+                ("phone_number", "str", False),
+                ("tier", "str", False),
+                ("email_confirmed", "bool", False),
+                ("is_admin", "bool", False),
+                ("metadata", "dict", False),
+                ("wallets", "list", False),
+            ],
+        )
         wallets: list[_Json] = []
-        raw_wallets = body.get("wallets") or []
-        if not isinstance(raw_wallets, list):
-            raise _validation("Field 'wallets' must be a list")
-        for item in raw_wallets:
+        for item in body.get("wallets") or []:
             if isinstance(item, str):
                 wallets.append({"wallet_address": item, "chain_type": "ethereum", "verified": True})
             elif isinstance(item, dict) and isinstance(item.get("wallet_address"), str):
                 wallets.append({"chain_type": "ethereum", "verified": True, **item})
             else:
                 raise _validation("Each wallet must be an address or {wallet_address, ...}")
-        confirmed = _opt_bool(body, "email_confirmed")
+        confirmed = body.get("email_confirmed")
         return self.create_user(
-            email=email_value,
-            password=password_value,
-            username=_opt_str(body, "username"),
-            phone_number=_opt_str(body, "phone_number"),
-            tier=_opt_str(body, "tier") or "basic",
-            email_confirmed=True if confirmed is None else confirmed,
-            metadata=_opt_dict(body, "metadata"),
+            email=str(body["email"]).strip(),
+            password=str(body["password"]),
+            username=body.get("username"),
+            phone_number=body.get("phone_number"),
+            tier=body.get("tier") or "basic",
+            email_confirmed=True if confirmed is None else bool(confirmed),
+            metadata=body.get("metadata"),
             wallets=wallets,
-            user_id=_opt_str(body, "id"),
+            user_id=body.get("id"),
+            is_admin=bool(body.get("is_admin")),
         )
 
     # -- sessions and tokens -----------------------------------------------------------------
 
+    def _jwt(self, claims: _Json) -> str:
+        header = _b64(b'{"alg":"HS256","typ":"JWT"}')
+        payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
+        signature = hmac.new(self.jwt_secret, f"{header}.{payload}".encode(), hashlib.sha256)
+        return f"{header}.{payload}.{_b64(signature.digest())}"
+
     def start_session(self, user: _User, ctx: _Ctx) -> tuple[_Session, str, str]:
-        now = time.time()
+        """Every sign-in and every refresh opens a new session, as on the real server."""
+        now = self.now()
         session = _Session(
-            id=_new_id("sess_"),
+            id=_uuid(),
             user_id=user.id,
             created_at=now,
             expires_at=now + _SESSION_LIFETIME,
             last_activity=now,
-            user_agent=ctx.headers.get("user-agent"),
-            ip_address=ctx.client_ip or None,
+            user_agent=ctx.user_agent,
+            ip_address=ctx.client_ip,
         )
         self.sessions[session.id] = session
-        return session, self.issue_access_token(session), self.issue_refresh_token(session)
-
-    def issue_access_token(self, session: _Session) -> str:
-        token = "at_" + secrets.token_urlsafe(32)
-        self.access_tokens[token] = _AccessToken(session.id, time.time() + self.access_token_ttl)
-        return token
-
-    def issue_refresh_token(self, session: _Session) -> str:
-        if session.refresh_token is not None:
-            self.refresh_tokens.pop(session.refresh_token, None)
-        token = "rt_" + secrets.token_urlsafe(32)
-        session.refresh_token = token
-        self.refresh_tokens[token] = session.id
-        return token
+        base: _Json = {"sub": user.id, "app_id": APPLICATION_ID, "email": user.email}
+        access_exp = now + self.access_token_ttl
+        access = self._jwt(
+            {
+                **base,
+                "roles": user.roles,
+                "isAdmin": user.is_admin,
+                "jti": _uuid(),
+                "iat": int(now),
+                "exp": math.ceil(access_exp),
+            }
+        )
+        self.access_tokens[access] = _AccessToken(session.id, access_exp)
+        refresh = self._jwt(
+            {**base, "token_family": _uuid(), "jti": _uuid(), "iat": int(now), "exp": int(now)}
+        )
+        self.refresh_tokens[refresh] = _RefreshToken(
+            token=refresh,
+            session_id=session.id,
+            user_id=user.id,
+            expires_at=now + _REFRESH_LIFETIME,
+        )
+        return session, access, refresh
 
     def expires_in(self) -> int:
         # Token models need an int; rounding up keeps a sub-second TTL from advertising 0.
         return math.ceil(self.access_token_ttl)
 
-    def end_session(self, session: _Session, *, forget_tokens: bool) -> None:
-        """Revoke a session; ``forget_tokens`` makes its access tokens unknown, not revoked."""
+    def session_refresh_token(self, session: _Session) -> _RefreshToken | None:
+        for record in self.refresh_tokens.values():
+            if record.session_id == session.id and record.state == "active":
+                return record
+        return None
+
+    def revoke_refresh_tokens(self, user_id: str) -> None:
+        # Measured: a replay revokes every refresh token of the user, other sessions' included.
+        for record in self.refresh_tokens.values():
+            if record.user_id == user_id and record.state == "active":
+                record.state = "revoked"
+
+    def delete_session(self, session: _Session) -> None:
         session.revoked = True
-        if session.refresh_token is not None:
-            self.refresh_tokens.pop(session.refresh_token, None)
-            session.refresh_token = None
-        if forget_tokens:
-            for token in [t for t, a in self.access_tokens.items() if a.session_id == session.id]:
-                del self.access_tokens[token]
+        for access in self.access_tokens.values():
+            if access.session_id == session.id:
+                access.revoked = True
+        for record in self.refresh_tokens.values():
+            if record.session_id == session.id:
+                record.state = "deleted"
 
     def authenticate(self, token: str) -> tuple[_User, _Session]:
         record = self.access_tokens.get(token)
-        if record is None:
-            raise _ApiError(401, "INVALID_TOKEN", "Access token is invalid or has been revoked")
+        if record is None or self.now() >= record.expires_at:
+            raise _ApiError(401, "INVALID_TOKEN", "Invalid or expired access token")
         session = self.sessions[record.session_id]
-        if session.revoked:
-            raise _ApiError(401, "SESSION_REVOKED", "The session for this token has been revoked")
-        now = time.time()
-        if now >= record.expires_at:
-            raise _ApiError(401, "TOKEN_EXPIRED", "Access token has expired")
-        if now >= session.expires_at:
-            raise _ApiError(401, "INVALID_SESSION", "Session has expired")
+        if record.revoked or session.revoked:
+            raise _ApiError(401, "INVALID_TOKEN", "Token has been revoked")
         return self.users[session.user_id], session
 
     def user_sessions(self, user: _User) -> list[_Session]:
-        now = time.time()
+        now = self.now()
         return [
             s
             for s in self.sessions.values()
             if s.user_id == user.id and not s.revoked and s.expires_at > now
         ]
+
+    # -- entitlements and usage --------------------------------------------------------------
+
+    def user_entitlements(self, user_id: str) -> list[_Entitlement]:
+        return [e for e in self.entitlements if e.user_id == user_id]
+
+    def feature_policy(self, user_id: str, feature_key: str) -> tuple[list[str], dict[str, float]]:
+        """Entitlement keys naming ``feature_key`` and the limits they grant (largest wins)."""
+        keys: list[str] = []
+        limits: dict[str, float] = {}
+        for ent in self.user_entitlements(user_id):
+            if feature_key in ent.features:
+                keys.append(ent.key)
+                for dim, value in ent.limits.items():
+                    limits[dim] = max(limits.get(dim, 0.0), value)
+        return sorted(set(keys)), limits
+
+    def window_totals(self, user_id: str, feature_key: str) -> dict[str, float]:
+        window_key, _, _ = _month_window(self.now())
+        totals: dict[str, float] = {}
+        for event in self.usage_events:
+            if (
+                event["subject_user_id"] == user_id
+                and event["feature_key"] == feature_key
+                and event["_window"] == window_key
+            ):
+                for dim, value in event["dimensions"].items():
+                    totals[dim] = totals.get(dim, 0.0) + float(value)
+        return totals
+
+    # -- rate limiting -----------------------------------------------------------------------
+
+    def rate_limit(self, route: str) -> tuple[dict[str, str], bool]:
+        """Headers for this request and whether it is over the limit."""
+        limit, window = _RATE_LIMITS[route]
+        now = self.now()
+        bucket = [t for t in self.rate_buckets.get(route, []) if t > now - window]
+        over = len(bucket) >= limit
+        if not over:
+            bucket.append(now)
+        self.rate_buckets[route] = bucket
+        reset = (bucket[0] if bucket else now) + window
+        headers = {
+            "x-ratelimit-limit": str(limit),
+            "x-ratelimit-remaining": str(max(0, limit - len(bucket))),
+            "x-ratelimit-reset": str(int(reset)),
+            "retry-after": str(int(window)),
+        }
+        return headers, over
 
 
 # =================================================================================================
@@ -1038,66 +1362,76 @@ class _Store:
 # =================================================================================================
 
 
-def _token_user(user: _User) -> _Json:
-    """The user inside a token pair: the registration shape plus the primary wallet."""
-    first = user.wallets[0] if user.wallets else None
-    return {
-        **_registration_user(user),
-        "wallet_address": first["wallet_address"] if first else None,
-        "chain": first.get("chain_type") if first else None,
-    }
-
-
-def _registration_user(user: _User) -> _Json:
-    return {
-        "id": user.id,
-        "email": user.email,
-        "username": user.username,
-        "phone_number": user.phone_number,
-        "tier": user.tier,
-        "email_confirmed": user.email_confirmed,
-        "wallets": user.wallet_addresses(),
-    }
-
-
-def _profile(user: _User) -> _Json:
+def _full_user(user: _User) -> _Json:
+    """The user of register, GET /api/auth/user: every key, nulls kept, ``wallets`` null."""
     return {
         "id": user.id,
         "username": user.username,
         "email": user.email,
         "phone_number": user.phone_number,
-        "wallets": [
-            {
-                "wallet_address": w["wallet_address"],
-                "chain_type": w.get("chain_type"),
-                "verified": w.get("verified", True),
-            }
-            for w in user.wallets
-        ],
+        "wallets": None,
         "tier": user.tier,
-        "metadata": dict(user.metadata),
+        "roles": user.roles,
+        "permissions": user.permissions,
+        "isAdmin": user.is_admin,
+        "metadata": dict(user.metadata) if user.metadata else None,
     }
+
+
+def _compact_user(user: _User) -> _Json:
+    # Login, verify and wallet responses use response_model_exclude_none on the real server.
+    return _drop_none(_full_user(user))
 
 
 def _admin_user(user: _User) -> _Json:
-    view = _profile(user)
+    view = _full_user(user)
+    view["wallets"] = [dict(w) for w in user.wallets]
     view["email_confirmed"] = user.email_confirmed
     view["created_at"] = _iso(user.created_at)
     return view
 
 
-def _token_pair(store: _Store, user: _User, access: str, refresh: str) -> _Json:
+def _token_pair(store: _Store, access: str, refresh: str) -> _Json:
     return {
         "access_token": access,
         "refresh_token": refresh,
         "expires_in": store.expires_in(),
         "token_type": "Bearer",
-        "user": _token_user(user),
     }
 
 
-def _registration_tokens(store: _Store, access: str, refresh: str) -> _Json:
-    return {"access_token": access, "refresh_token": refresh, "expires_in": store.expires_in()}
+def _nested_tokens(store: _Store, access: str, refresh: str) -> _Json:
+    return {
+        "tokens": {
+            "access_token": access,
+            "refresh_token": refresh,
+            "expires_in": store.expires_in(),
+        },
+        "token_type": "Bearer",
+    }
+
+
+def _session_view(session: _Session, user: _User | None, now: float, previous: float) -> _Json:
+    return {
+        "id": session.id,
+        "user_id": session.user_id,
+        "application_id": APPLICATION_ID,
+        "tier": user.tier if user is not None else None,
+        "created_at": _iso(session.created_at),
+        "expires_at": _iso(session.expires_at),
+        "last_activity": _iso(session.last_activity),
+        "last_used": _iso(session.last_activity),
+        "user_agent": session.user_agent,
+        "ip_address": session.ip_address,
+        "is_current": None,
+        "wallets_count": len(user.wallets) if user is not None else 0,
+        "duration_minutes": int((now - session.created_at) // 60),
+        "idle_minutes": int(max(0.0, now - previous) // 60),
+    }
+
+
+def _display_name(feature_key: str) -> str:
+    return " ".join(part.capitalize() for part in feature_key.split("_"))
 
 
 # =================================================================================================
@@ -1107,6 +1441,7 @@ def _registration_tokens(store: _Store, access: str, refresh: str) -> _Json:
 _NO_AUTH = "none"
 _API_KEY = "key"
 _BEARER = "bearer"
+_ADMIN = "admin"
 
 _Handler = Callable[["_Ctx"], "_Response"]
 
@@ -1135,6 +1470,7 @@ class _Api:
         add("POST", "/api/auth/logout", _BEARER, self.logout)
         add("POST", "/api/auth/nonce", _API_KEY, self.nonce)
         add("POST", "/api/auth/wallet-sign-in", _API_KEY, self.wallet_sign_in)
+        add("POST", "/api/auth/{chain}/sign-in", _NO_AUTH, self.deprecated_sign_in)
         add("POST", "/api/auth/magic-link", _API_KEY, self.magic_link)
         add("POST", "/api/auth/verify-magic-link", _API_KEY, self.verify_magic_link)
         add("GET", "/api/auth/user", _BEARER, self.current_user)
@@ -1148,43 +1484,48 @@ class _Api:
         add("GET", "/api/sessions/", _BEARER, self.sessions_list)
         add("POST", "/api/sessions/touch", _BEARER, self.session_touch)
         add("DELETE", "/api/sessions/{session_id}", _BEARER, self.session_revoke)
-        # Payments
-        add("POST", "/api/payments/create-checkout-session", _BEARER, self.checkout_session)
-        add("GET", "/api/payments/balance", _BEARER, self.balance)
-        add("POST", "/api/payments/create-payment-intent", _BEARER, self.payment_intent)
-        add("POST", "/api/payments/update-payment-method", _BEARER, self.update_payment_method)
-        add("POST", "/api/payments/wallet-deposit", _BEARER, self.wallet_deposit)
+        # Admin set-up the real server requires before messages and usage work
+        add("POST", "/api/users/memberships", _ADMIN, self.membership_add)
+        add("POST", "/api/entitlements/manual", _ADMIN, self.entitlement_grant)
+        # 0.1.2 payments: stubs on the real server
+        for method, template in _PAYMENT_STUBS:
+            add(method, template, _NO_AUTH, self.not_implemented)
+        # Crypto payments: the API key is enough, a Bearer token is ignored
+        add("POST", "/api/payments/crypto/invoices", _API_KEY, self.invoice_create)
+        add("GET", "/api/payments/crypto/invoices/{invoice_id}", _API_KEY, self.invoice_get)
         add(
             "GET",
-            "/api/payments/wallet-transaction/{transaction_id}",
-            _BEARER,
-            self.wallet_transaction,
+            "/api/payments/crypto/invoices/{invoice_id}/status",
+            _API_KEY,
+            self.invoice_status,
         )
-        add("GET", "/api/payments/subscription/{subscription_id}", _BEARER, self.subscription)
-        add("POST", "/api/payments/cancel-subscription", _BEARER, self.cancel_subscription)
-        # Crypto payments
-        add("POST", "/api/payments/crypto/invoices", _BEARER, self.invoice_create)
-        add("GET", "/api/payments/crypto/invoices/{invoice_id}", _BEARER, self.invoice_get)
-        add(
-            "GET", "/api/payments/crypto/invoices/{invoice_id}/status", _BEARER, self.invoice_status
-        )
-        add("POST", "/api/payments/crypto/reconcile", _BEARER, self.reconcile)
+        add("POST", "/api/payments/crypto/reconcile", _API_KEY, self.reconcile)
+        # Stripe
+        add("GET", "/api/stripe/products", _BEARER, self.stripe_products)
+        add("POST", "/api/stripe/checkout-sessions", _BEARER, self.stripe_checkout)
+        add("GET", "/api/stripe/checkout-sessions", _BEARER, self.stripe_checkout_list)
+        add("GET", "/api/stripe/subscriptions", _BEARER, self.stripe_subscriptions)
+        add("GET", "/api/stripe/history", _BEARER, self.stripe_history)
         # Usage
         add("GET", "/api/usage/features", _BEARER, self.usage_features)
+        add("POST", "/api/usage/authorize", _BEARER, self.usage_authorize)
+        add("GET", "/api/usage/status", _BEARER, self.usage_status)
         add("POST", "/api/usage/record", _BEARER, self.usage_record)
         add("GET", "/api/usage/history", _BEARER, self.usage_history)
         # Whitelist
         add("GET", "/api/v1/whitelist/check", _API_KEY, self.whitelist_check)
-        add("GET", "/api/v1/whitelist", _BEARER, self.whitelist_list)
-        add("POST", "/api/v1/whitelist", _BEARER, self.whitelist_add)
-        add("PUT", "/api/v1/whitelist/{email}", _BEARER, self.whitelist_update)
-        add("DELETE", "/api/v1/whitelist/{email}", _BEARER, self.whitelist_remove)
+        add("GET", "/api/v1/whitelist/stats", _ADMIN, self.whitelist_stats)
+        add("GET", "/api/v1/whitelist", _ADMIN, self.whitelist_list)
+        add("POST", "/api/v1/whitelist", _ADMIN, self.whitelist_add)
+        add("PUT", "/api/v1/whitelist/{email}", _ADMIN, self.whitelist_update)
+        add("DELETE", "/api/v1/whitelist/{email}", _ADMIN, self.whitelist_remove)
         # Secure messages
         add("POST", "/api/secure-messages", _BEARER, self.message_create)
         add("GET", "/api/secure-messages", _BEARER, self.message_list)
         # Metrics and health
         add("GET", "/api/metrics", _NO_AUTH, self.metrics_text)
         add("GET", "/api/metrics/json", _NO_AUTH, self.metrics_json)
+        add("GET", "/internal/metrics", _NO_AUTH, self.internal_metrics)
         add("GET", "/health", _NO_AUTH, self.health)
         add("GET", "/health/ready", _NO_AUTH, self.ready)
 
@@ -1208,10 +1549,10 @@ class _Api:
             raise _ApiError(
                 405,
                 "METHOD_NOT_ALLOWED",
-                f"Method {method} is not allowed for {path}; use {', '.join(sorted(allowed))}",
+                "Method Not Allowed",
                 {"Allow": ", ".join(sorted(set(allowed)))},
             )
-        raise _ApiError(404, "NOT_FOUND", f"No route for {method} {path}")
+        raise _ApiError(404, "NOT_FOUND", "Not Found")
 
     def route_label(self, method: str, path: str) -> str:
         try:
@@ -1221,118 +1562,187 @@ class _Api:
 
     def handle(self, ctx: _Ctx) -> _Response:
         route_label = "unmatched"
+        limit_headers: dict[str, str] = {}
+        if ctx.method == "OPTIONS":
+            # CORS preflight answers before routing on the real server.
+            return _Response(200, b"OK", "text/plain; charset=utf-8")
         try:
             route, ctx.params = self.resolve(ctx.method, ctx.path)
             route_label = route.template
             with self.mock._lock:
-                self._authorize(route.auth, ctx)
+                if self.mock.rate_limit and route.template in _RATE_LIMITS:
+                    limit_headers, over = self.store.rate_limit(route.template)
+                    if over:
+                        raise _ApiError(
+                            429,
+                            "RATE_LIMIT_EXCEEDED",
+                            "You have made too many requests. Please wait a moment and try again.",
+                            details={"retry_after": int(limit_headers["retry-after"])},
+                        )
+                self._authorize(route, ctx)
                 response = route.handler(ctx)
         except _ApiError as exc:
             response = _error_response(
-                ctx.request_id, exc.status, exc.code, exc.message, exc.headers
+                ctx.request_id, exc.status, exc.code, exc.message, exc.headers, exc.details
             )
         except Exception as exc:  # a bug in the emulator must still answer like a server
             traceback.print_exc()
             response = _error_response(
                 ctx.request_id, 500, "INTERNAL_ERROR", f"Mock server error: {exc!r}"
             )
+        response.headers.update(limit_headers)
         response.route = route_label
         return response
 
-    def _authorize(self, auth: str, ctx: _Ctx) -> None:
-        if auth == _NO_AUTH:
-            return
+    def _check_api_key(self, route: _Route, ctx: _Ctx, bearer: str) -> None:
         provided = ctx.headers.get("x-api-key", "")
-        expected = self.mock.api_key
         if not provided:
-            raise _ApiError(401, "INVALID_API_KEY", "Missing X-API-Key header")
+            if route.template == "/api/auth/refresh":
+                message = "Missing API key or client_id"
+            elif bearer and route.template.startswith("/api/auth/"):
+                message = "Public client bearer access not enabled for this application"
+            else:
+                message = "Missing API key"
+            raise _ApiError(401, "INVALID_APPLICATION", message)
+        expected = self.mock.api_key
         if expected is not None and not hmac.compare_digest(
             provided.encode("utf-8"), expected.encode("utf-8")
         ):
-            raise _ApiError(401, "INVALID_API_KEY", "Invalid API key")
-        if auth != _BEARER:
+            raise _ApiError(401, "INVALID_APPLICATION", "Invalid API key")
+
+    def _authorize(self, route: _Route, ctx: _Ctx) -> None:
+        if route.auth == _NO_AUTH:
             return
         scheme, _, token = ctx.headers.get("authorization", "").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise _ApiError(401, "UNAUTHORIZED", "Missing or malformed Bearer token")
+        token = token.strip() if scheme.lower() == "bearer" else ""
+        if token and not ctx.headers.get("x-api-key") and token.count(".") != 2:
+            # The real server reads a non-JWT bearer value as the API key.
+            ctx.headers["x-api-key"], token = token, ""
+        self._check_api_key(route, ctx, token)
+        if route.auth == _API_KEY:
+            return
+        if not token:
+            raise _ApiError(401, "UNAUTHORIZED", "Authentication required")
         user, session = self.store.authenticate(token)
-        ctx.user_, ctx.session_ = user, session
+        ctx.user_, ctx.session_, ctx.token = user, session, token
         ctx.previous_activity = session.last_activity
-        session.last_activity = time.time()
+        session.last_activity = self.store.now()
+        if route.auth == _ADMIN and not user.is_admin:
+            raise _ApiError(403, "FORBIDDEN", "Admin access required")
 
     # -- auth --------------------------------------------------------------------------------
 
     def register(self, ctx: _Ctx) -> _Response:
         body = ctx.json_body()
-        email = _req_email(body)
-        password = _req_str(body, "password")
-        username = _opt_str(body, "username")
-        phone_number = _opt_str(body, "phone_number")
-        _check_password(password)
-        if self.store.user_by_email(email) is not None:
-            raise _ApiError(409, "EMAIL_ALREADY_EXISTS", f"A user with email {email} exists")
+        _check_fields(
+            body,
+            [
+                ("email", "email", True),
+                ("password", "str", True),
+                ("username", "str", False),
+                ("phone_number", "str", False),
+            ],
+        )
+        _check_password(body["password"])
         user = self.store.create_user(
-            email=email, password=password, username=username, phone_number=phone_number
+            email=body["email"].strip(),
+            password=body["password"],
+            username=body.get("username"),
+            phone_number=body.get("phone_number"),
         )
         _, access, refresh = self.store.start_session(user, ctx)
-        return _success(
-            ctx,
-            status=201,
-            message="Registration successful",
-            tokens=_registration_tokens(self.store, access, refresh),
-            user=_registration_user(user),
-        )
+        data = _nested_tokens(self.store, access, refresh)
+        data["user"] = _full_user(user)
+        data["email_confirmed"] = True
+        return _success(ctx, data, status=201)
 
     def login(self, ctx: _Ctx) -> _Response:
         body = ctx.json_body()
-        email = _req_str(body, "email")
-        password = _req_str(body, "password")
-        user = self.store.user_by_email(email)
+        _check_fields(body, [("email", "str", True), ("password", "str", True)])
+        user = self.store.user_by_email(body["email"])
+        password = str(body["password"])
         if (
             user is None
             or user.password is None
             or not hmac.compare_digest(user.password.encode(), password.encode())
         ):
-            raise _ApiError(401, "INVALID_CREDENTIALS", "Invalid email or password")
+            raise _ApiError(
+                401,
+                "INVALID_CREDENTIALS",
+                "Invalid email or password. Check your credentials, or use Forgot password to "
+                "reset.",
+            )
         _, access, refresh = self.store.start_session(user, ctx)
-        return _success(ctx, _token_pair(self.store, user, access, refresh))
+        return _success(
+            ctx, {**_token_pair(self.store, access, refresh), "user": _compact_user(user)}
+        )
 
     def refresh(self, ctx: _Ctx) -> _Response:
-        token = _req_str(ctx.json_body(), "refresh_token")
-        session_id = self.store.refresh_tokens.get(token)
-        session = self.store.sessions.get(session_id) if session_id else None
-        if session is None or session.revoked or session.expires_at <= time.time():
-            raise _ApiError(
-                401, "INVALID_REFRESH", "Refresh token is invalid, expired or already used"
-            )
-        user = self.store.users[session.user_id]
-        refresh = self.store.issue_refresh_token(session)
-        access = self.store.issue_access_token(session)
-        return _success(ctx, _token_pair(self.store, user, access, refresh))
+        body = ctx.json_body(required=False)
+        token = body.get("refresh_token")
+        if not token:
+            raise _ApiError(401, "INVALID_REFRESH_TOKEN", "Refresh token required")
+        store = self.store
+        now = store.now()
+        record = store.refresh_tokens.get(token) if isinstance(token, str) else None
+        if record is None:
+            raise _ApiError(401, "INVALID_REFRESH_TOKEN", _INVALID_REFRESH)
+        grace = record.grace
+        if (
+            grace is not None
+            and now < grace.until
+            and (grace.ip, grace.user_agent) == (ctx.client_ip, ctx.user_agent)
+        ):
+            # A client that lost the first answer (timeout, crash) gets the same pair again.
+            return _success(ctx, dict(grace.data))
+        if record.state == "deleted":
+            raise _ApiError(401, "INVALID_REFRESH_TOKEN", "Refresh token not found or already used")
+        if record.state == "consumed":
+            # Someone else holds this token: sign the identity out everywhere.
+            store.revoke_refresh_tokens(record.user_id)
+            raise _ApiError(401, "REFRESH_TOKEN_REPLAY", _REPLAY)
+        if record.state == "revoked":
+            raise _ApiError(401, "REFRESH_TOKEN_REPLAY", _REPLAY)
+        if now >= record.expires_at:
+            raise _ApiError(401, "INVALID_REFRESH_TOKEN", _INVALID_REFRESH)
+        user = store.users[record.user_id]
+        _, access, refresh = store.start_session(user, ctx)
+        data = _token_pair(store, access, refresh)
+        record.state = "consumed"
+        record.grace = _Grace(ctx.client_ip, ctx.user_agent, now + _REFRESH_GRACE, dict(data))
+        return _success(ctx, data)
 
     def logout(self, ctx: _Ctx) -> _Response:
-        self.store.end_session(ctx.session, forget_tokens=True)
-        return _success(ctx, {"message": "Logged out successfully"})
+        body = ctx.json_body(required=False)
+        token = ctx.token
+        if token is not None:
+            self.store.access_tokens[token].revoked = True
+        refresh = body.get("refresh_token")
+        record = self.store.refresh_tokens.get(refresh) if isinstance(refresh, str) else None
+        if record is not None and record.state == "active":
+            record.state = "revoked"
+        return _success(ctx, {"message": "Successfully logged out"})
 
     def nonce(self, ctx: _Ctx) -> _Response:
         body = ctx.json_body()
-        address = _req_str(body, "wallet_address")
-        chain = _opt_str(body, "chain")
-        value = secrets.token_hex(16)
-        record = _Nonce(
-            nonce=value,
-            wallet_address=address,
-            chain=chain,
-            message=f"Sign in to SPAPS: {value}",
-            expires_at=time.time() + _NONCE_TTL,
+        _check_fields(body, [("wallet_address", "str", True), ("chain", "str", False)])
+        address: str = body["wallet_address"]
+        if address.startswith("0x"):
+            address = address.lower()
+        now = self.store.now()
+        value = secrets.token_hex(32)
+        message = (
+            f"SPAPS wants you to sign in with your wallet:\n{address}\n\nNonce: {value}\n"
+            f"Timestamp: {_iso(now)}\nDomain: sweetpotato.dev\n\n"
+            "This request will not trigger a blockchain transaction or cost any gas fees."
         )
-        self.store.nonces[record.message] = record
+        record = _Nonce(value, address, body.get("chain"), message, now + _NONCE_TTL)
+        self.store.nonces[message] = record
         return _success(
             ctx,
             {
-                "nonce": record.nonce,
-                "message": record.message,
+                "nonce": value,
+                "message": message,
                 "wallet_address": address,
                 "expires_at": _iso(record.expires_at),
             },
@@ -1340,49 +1750,92 @@ class _Api:
 
     def wallet_sign_in(self, ctx: _Ctx) -> _Response:
         body = ctx.json_body()
-        address = _req_str(body, "wallet_address")
-        _req_str(body, "signature")
-        message = _req_str(body, "message")
-        chain_type = _opt_str(body, "chain_type")
-        record = self.store.nonces.get(message)
-        # Real chain signatures cannot be checked with the stdlib; possession of an unused,
-        # unexpired nonce message issued for this exact address stands in for that proof.
-        if record is None or record.used or record.wallet_address != address:
+        _check_fields(
+            body,
+            [
+                ("wallet_address", "str", True),
+                ("signature", "str", True),
+                ("message", "str", True),
+                ("chain_type", "str", False),
+            ],
+        )
+        address: str = body["wallet_address"]
+        record = self.store.nonces.get(body["message"])
+        # Chain signatures cannot be checked with the stdlib; an unused, unexpired nonce message
+        # issued for this address stands in for that proof.  (The real 0.6.6 answers a valid
+        # signature with a 500; the emulator answers what the route is meant to.)
+        if (
+            record is None
+            or record.used
+            or record.wallet_address.lower() != address.lower()
+            or record.expires_at <= self.store.now()
+        ):
             raise _ApiError(
-                401, "INVALID_SIGNATURE", "Message does not match an unused nonce for this wallet"
+                401,
+                "INVALID_SIGNATURE",
+                "We could not verify your wallet signature. Please sign the message with the "
+                "correct wallet and try again.",
             )
-        if record.expires_at <= time.time():
-            raise _ApiError(401, "INVALID_SIGNATURE", "The nonce for this message has expired")
         record.used = True
         user = self.store.user_by_wallet(address)
         if user is None:
             wallet = {
-                "wallet_address": address,
-                "chain_type": chain_type or record.chain or "ethereum",
+                "wallet_address": record.wallet_address,
+                "chain_type": body.get("chain_type") or record.chain or "ethereum",
                 "verified": True,
             }
             user = self.store.create_user(
                 email=None, password=None, email_confirmed=False, wallets=[wallet]
             )
         _, access, refresh = self.store.start_session(user, ctx)
-        return _success(ctx, _token_pair(self.store, user, access, refresh))
+        return _success(
+            ctx, {**_token_pair(self.store, access, refresh), "user": _compact_user(user)}
+        )
+
+    def deprecated_sign_in(self, ctx: _Ctx) -> _Response:
+        if ctx.params["chain"] not in ("ethereum", "solana"):
+            raise _ApiError(404, "NOT_FOUND", "Not Found")
+        _check_fields(
+            ctx.json_body(),
+            [("wallet_address", "str", True), ("signature", "str", True), ("message", "str", True)],
+        )
+        message = "This route is deprecated. Use /api/auth/wallet-sign-in."
+        raise _ApiError(
+            410,
+            "HTTP_ERROR",
+            message,
+            details={
+                "error": "route_deprecated",
+                "message": message,
+                "replacement": "/api/auth/wallet-sign-in",
+            },
+        )
 
     def magic_link(self, ctx: _Ctx) -> _Response:
-        email = _req_email(ctx.json_body())
-        now = time.time()
-        token = "ml_" + secrets.token_urlsafe(24)
+        body = ctx.json_body()
+        _check_fields(body, [("email", "email", True)])
+        email = body["email"].strip()
+        now = self.store.now()
+        token = secrets.token_urlsafe(32)
         self.store.magic_links[token] = _OneTimeToken(token, email, now + _MAGIC_LINK_TTL)
         return _success(
-            ctx, {"email": email, "sent_at": _iso(now)}, message="Magic link sent to " + email
+            ctx,
+            {
+                "message": "Magic link sent successfully",
+                "email": email,
+                "sent_at": _iso(now),
+                "delivery_status": "sent",
+                "delivery_error_code": None,
+                "state": None,
+            },
         )
 
     def verify_magic_link(self, ctx: _Ctx) -> _Response:
         body = ctx.json_body()
-        token = _req_str(body, "token")
-        _opt_str(body, "type")
-        record = self.store.magic_links.get(token)
-        if record is None or record.used or record.expires_at <= time.time():
-            raise _ApiError(401, "INVALID_TOKEN", "Magic link token is invalid or expired")
+        _check_fields(body, [("token", "str", True), ("type", "str", True)])
+        record = self.store.magic_links.get(body["token"])
+        if record is None or record.used or record.expires_at <= self.store.now():
+            raise _ApiError(401, "INVALID_TOKEN", _MAGIC_LINK_INVALID)
         record.used = True
         user = self.store.user_by_email(record.email)
         if user is None:
@@ -1390,131 +1843,89 @@ class _Api:
             user = self.store.create_user(email=record.email, password=None)
         user.email_confirmed = True
         _, access, refresh = self.store.start_session(user, ctx)
-        return _success(
-            ctx,
-            message="Magic link verified",
-            tokens=_registration_tokens(self.store, access, refresh),
-            user=_registration_user(user),
-        )
+        data = _nested_tokens(self.store, access, refresh)
+        data["user"] = _compact_user(user)
+        return _success(ctx, data)
 
     def current_user(self, ctx: _Ctx) -> _Response:
-        return _success(ctx, {"user": _profile(ctx.user)})
+        return _success(ctx, {"user": _full_user(ctx.user)})
 
     def password_reset(self, ctx: _Ctx) -> _Response:
         body = ctx.json_body()
-        email = _req_email(body)
-        _opt_str(body, "redirect_url")
-        now = time.time()
+        _check_fields(body, [("email", "email", True), ("redirect_url", "str", False)])
+        email = body["email"].strip()
+        now = self.store.now()
         # The answer is identical whether or not the account exists, to avoid user enumeration.
         if self.store.user_by_email(email) is not None:
-            token = "pr_" + secrets.token_urlsafe(24)
+            token = secrets.token_urlsafe(32)
             self.store.reset_tokens[token] = _OneTimeToken(token, email, now + _RESET_TTL)
-        return _success(
-            ctx,
-            {"email": email, "sent_at": _iso(now)},
-            message="If an account exists for this email, a password reset link has been sent",
-        )
+        return _success(ctx, {"email": email, "sent_at": _iso(now)})
 
     def password_reset_confirm(self, ctx: _Ctx) -> _Response:
         body = ctx.json_body()
-        token = _req_str(body, "token")
-        new_password = _req_str(body, "new_password")
-        record = self.store.reset_tokens.get(token)
+        _check_fields(body, [("token", "str", True), ("new_password", "str", True)])
+        record = self.store.reset_tokens.get(body["token"])
         user = self.store.user_by_email(record.email) if record is not None else None
-        if record is None or record.used or record.expires_at <= time.time() or user is None:
+        if record is None or record.used or record.expires_at <= self.store.now() or user is None:
             raise _ApiError(400, "INVALID_TOKEN", "Password reset token is invalid or expired")
-        _check_password(new_password)
+        _check_password(body["new_password"])
         record.used = True
-        user.password = new_password
-        return _success(ctx, message="Password has been reset successfully")
+        user.password = body["new_password"]
+        return _success(ctx, {"message": "Password has been reset successfully"})
 
     def set_password(self, ctx: _Ctx) -> _Response:
         body = ctx.json_body()
-        new_password = _req_str(body, "new_password")
-        current = _opt_str(body, "current_password")
+        _check_fields(body, [("new_password", "str", True), ("current_password", "str", False)])
         user = ctx.user
+        current = body.get("current_password")
         if user.password is not None:
             if current is None:
-                raise _missing("current_password")
-            if not hmac.compare_digest(user.password.encode(), current.encode()):
+                raise _fields_error({"current_password": "Field required"})
+            if not hmac.compare_digest(user.password.encode(), str(current).encode()):
                 raise _ApiError(401, "INVALID_CREDENTIALS", "Current password is incorrect")
-        _check_password(new_password)
-        user.password = new_password
-        return _success(ctx, message="Password updated successfully")
+        _check_password(body["new_password"])
+        user.password = body["new_password"]
+        return _success(ctx, {"message": "Password updated successfully"})
 
     # -- sessions ----------------------------------------------------------------------------
 
     def session_current(self, ctx: _Ctx) -> _Response:
-        session, user, now = ctx.session, ctx.user, time.time()
-        return _success(
-            ctx,
-            {
-                "session": {
-                    "id": session.id,
-                    "user_id": user.id,
-                    "application_id": _APP_ID,
-                    "tier": user.tier,
-                    "created_at": _iso(session.created_at),
-                    "expires_at": _iso(session.expires_at),
-                    "last_activity": _iso(session.last_activity),
-                    "wallets_count": len(user.wallets),
-                    "duration_minutes": int((now - session.created_at) // 60),
-                    "idle_minutes": int(max(0.0, now - ctx.previous_activity) // 60),
-                }
-            },
-        )
+        view = _session_view(ctx.session, ctx.user, self.store.now(), ctx.previous_activity)
+        view["is_current"] = True
+        return _success(ctx, {"session": view})
 
     def session_validate(self, ctx: _Ctx) -> _Response:
-        ctx.json_body()
-        return _success(
-            ctx,
-            {
-                "valid": True,
-                "session_id": ctx.session.id,
-                "expires_at": _iso(ctx.session.expires_at),
-                "renewed": False,
-            },
-        )
+        ctx.json_body(required=False)
+        view = _session_view(ctx.session, ctx.user, self.store.now(), ctx.previous_activity)
+        return _success(ctx, {"valid": True, "reason": None, "session": view})
 
     def sessions_redirect(self, ctx: _Ctx) -> _Response:
-        location = "/api/sessions/" + (f"?{ctx.raw_query}" if ctx.raw_query else "")
+        # FastAPI's redirect_slashes answers before authentication, with an absolute URL.
+        host = ctx.headers.get("host") or f"{self.mock.host}:{self.mock.port}"
+        location = f"http://{host}/api/sessions/" + (f"?{ctx.raw_query}" if ctx.raw_query else "")
         return _Response(307, headers={"Location": location})
 
     def sessions_list(self, ctx: _Ctx) -> _Response:
-        limit = ctx.query_int("limit", None)
-        starting_after = ctx.query_str("starting_after")
+        limit = ctx.query_int("limit", 50, minimum=1)
+        offset = ctx.query_int("offset", 0)
         sessions = self.store.user_sessions(ctx.user)
-        total = len(sessions)
-        if starting_after:
-            ids = [s.id for s in sessions]
-            if starting_after not in ids:
-                raise _validation(f"starting_after: no session {starting_after!r} for this user")
-            sessions = sessions[ids.index(starting_after) + 1 :]
-        page = sessions if limit is None else sessions[:limit]
+        now = self.store.now()
+        page = sessions[offset : offset + limit]
         return _success(
             ctx,
             {
-                "sessions": [
-                    {
-                        "id": s.id,
-                        "user_id": s.user_id,
-                        "application_id": _APP_ID,
-                        "created_at": _iso(s.created_at),
-                        "expires_at": _iso(s.expires_at),
-                        "last_used": _iso(s.last_activity),
-                        "user_agent": s.user_agent,
-                        "ip_address": s.ip_address,
-                        "is_current": s.id == ctx.session.id,
-                    }
-                    for s in page
-                ],
-                "total": total,
-                "has_more": len(page) < len(sessions),
+                "sessions": [_session_view(s, None, now, s.last_activity) for s in page],
+                "total": len(sessions),
             },
         )
 
     def session_touch(self, ctx: _Ctx) -> _Response:
-        ctx.json_body()
+        ctx.json_body(required=False)
+        # Measured on the real server: touching spends the session's refresh token, so a later
+        # refresh with it is treated as a replay.
+        record = self.store.session_refresh_token(ctx.session)
+        if record is not None:
+            record.state = "consumed"
         return _success(
             ctx,
             {
@@ -1528,376 +1939,471 @@ class _Api:
         session_id = ctx.params["session_id"]
         session = self.store.sessions.get(session_id)
         if session is None or session.user_id != ctx.user.id or session.revoked:
-            raise _ApiError(404, "SESSION_NOT_FOUND", f"Session {session_id} not found")
-        self.store.end_session(session, forget_tokens=False)
-        return _success(ctx, {"message": "Session revoked", "session_id": session.id})
+            raise _ApiError(404, "NOT_FOUND", f"Session {session_id} not found")
+        self.store.delete_session(session)
+        return _Response(204)
+
+    # -- memberships and entitlements (admin) ------------------------------------------------
+
+    def membership_add(self, ctx: _Ctx) -> _Response:
+        body = ctx.json_body()
+        _check_fields(body, [("user_id", "str", False), ("email", "str", False)])
+        if not body.get("user_id") and not body.get("email"):
+            raise _fields_error({"_root_": "Value error, Either user_id or email is required"})
+        if body.get("user_id"):
+            user = self.store.users.get(body["user_id"])
+            missing = body["user_id"]
+        else:
+            user = self.store.user_by_email(body["email"])
+            missing = body["email"]
+        if user is None:
+            raise _ApiError(404, "NOT_FOUND", f"User {missing} not found")
+        existing = self.store.members.get(user.id)
+        if existing is not None:
+            return _success(
+                ctx,
+                {"result": "noop", "membership": dict(existing), "invitation": None},
+                status=201,
+            )
+        now = _iso_z(self.store.now())
+        membership: _Json = {
+            "id": _uuid(),
+            "user_id": user.id,
+            "email": user.email,
+            "application_id": APPLICATION_ID,
+            "status": "active",
+            "permissions": None,
+            "capabilities": {},
+            "metadata": None,
+            "created_at": now,
+            "updated_at": now,
+            "removed_at": None,
+        }
+        self.store.members[user.id] = membership
+        return _success(
+            ctx,
+            {"result": "created", "membership": dict(membership), "invitation": None},
+            status=201,
+        )
+
+    def entitlement_grant(self, ctx: _Ctx) -> _Response:
+        body = ctx.json_body()
+        _check_fields(
+            body,
+            [
+                ("beneficiary_user_id", "str", True),
+                ("entitlement_key", "str", True),
+                ("reason", "str", False),
+                ("metadata", "dict", False),
+            ],
+        )
+        user = self.store.users.get(body["beneficiary_user_id"])
+        if user is None:
+            raise _ApiError(404, "NOT_FOUND", f"User {body['beneficiary_user_id']} not found")
+        metadata: _Json = dict(body.get("metadata") or {})
+        features = metadata.get("usage_features")
+        if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+            features = [body["entitlement_key"]]
+        raw_limits = metadata.get("usage_limits")
+        limits: dict[str, float] = {}
+        if isinstance(raw_limits, dict):
+            for dim, value in raw_limits.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    limits[str(dim)] = float(value)
+        entitlement = _Entitlement(
+            id=_uuid(),
+            user_id=user.id,
+            key=body["entitlement_key"],
+            features=list(features),
+            limits=limits,
+            granted_by=ctx.user.id,
+            reason=body.get("reason") or "",
+            metadata=metadata,
+            created_at=self.store.now(),
+        )
+        self.store.entitlements.append(entitlement)
+        return _success(ctx, {"entitlement": entitlement.public()}, status=201)
 
     # -- payments ----------------------------------------------------------------------------
 
-    def checkout_session(self, ctx: _Ctx) -> _Response:
-        body = ctx.json_body()
-        price_id = _req_str(body, "price_id")
-        mode = _req_str(body, "mode")
-        success_url = _req_str(body, "success_url")
-        cancel_url = _req_str(body, "cancel_url")
-        metadata = _opt_dict(body, "metadata")
-        consent = _opt_bool(body, "require_legal_consent")
-        _opt_str(body, "legal_consent_text")
-        if not price_id.startswith("price_"):
-            raise _ApiError(400, "INVALID_PRICE", f"No such price: '{price_id}'")
-        if mode not in _CHECKOUT_MODES:
-            raise _validation(f"Field 'mode' must be one of {', '.join(_CHECKOUT_MODES)}")
-        session_id = _new_id("cs_test_")
-        expires_at = time.time() + 86400
-        self.store.checkout_sessions[session_id] = {
-            "user_id": ctx.user.id,
-            "price_id": price_id,
-            "mode": mode,
-            "success_url": success_url,
-            "cancel_url": cancel_url,
-            "metadata": metadata or {},
-            "require_legal_consent": bool(consent),
-        }
-        return _success(
-            ctx,
-            {
-                "session_id": session_id,
-                "checkout_url": f"https://checkout.stripe.com/c/pay/{session_id}",
-                "expires_at": _iso(expires_at),
-            },
-        )
-
-    def balance(self, ctx: _Ctx) -> _Response:
-        user = ctx.user
-        start, end = _month_bounds(time.time())
-        used = user.usage["api_calls"]
-        limit = _FEATURES["api_calls"][0]
-        return _success(
-            ctx,
-            {
-                "balance": {
-                    "available": float(user.balance_available),
-                    "pending": float(user.balance_pending),
-                    "currency": "USD",
-                },
-                "tier": user.tier,
-                "tier_expires_at": None,
-                "usage": {
-                    "current_period_start": _iso(start),
-                    "current_period_end": _iso(end),
-                    "credits_used": int(used),
-                    "credits_remaining": int(max(0.0, limit - used)),
-                },
-            },
-        )
-
-    def payment_intent(self, ctx: _Ctx) -> _Response:
-        body = ctx.json_body()
-        amount = int(_req_positive(body, "amount", integer=True))
-        currency = _req_str(body, "currency")
-        methods = body.get("payment_method_types")
-        if methods is not None and (
-            not isinstance(methods, list) or not all(isinstance(m, str) for m in methods)
-        ):
-            raise _validation("Field 'payment_method_types' must be a list of strings")
-        metadata = _opt_dict(body, "metadata")
-        intent_id = _new_id("pi_")
-        intent = {
-            "payment_intent_id": intent_id,
-            "client_secret": f"{intent_id}_secret_{secrets.token_hex(8)}",
-            "status": "requires_payment_method",
-            "amount": amount,
-            "currency": currency.lower(),
-        }
-        self.store.payment_intents[intent_id] = dict(intent, metadata=metadata or {})
-        return _success(ctx, intent)
-
-    def update_payment_method(self, ctx: _Ctx) -> _Response:
-        body = ctx.json_body()
-        method_id = _req_str(body, "payment_method_id")
-        set_default = _opt_bool(body, "set_default")
-        if not method_id.startswith("pm_"):
-            raise _ApiError(
-                404, "PAYMENT_METHOD_NOT_FOUND", f"No such payment method: '{method_id}'"
-            )
-        is_default = set_default is not False
-        if is_default:
-            ctx.user.default_payment_method = method_id
-        return _success(
-            ctx,
-            {
-                "message": "Payment method updated",
-                "payment_method_id": method_id,
-                "customer_id": "cus_" + ctx.user.id.split("_", 1)[-1],
-                "is_default": is_default,
-            },
-        )
-
-    def wallet_deposit(self, ctx: _Ctx) -> _Response:
-        body = ctx.json_body()
-        address = _req_str(body, "wallet_address")
-        chain_type = _req_str(body, "chain_type")
-        transaction_id = _req_str(body, "transaction_id")
-        amount = float(_req_positive(body, "amount"))
-        currency = _req_str(body, "currency")
-        tier = _opt_str(body, "tier")
-        if transaction_id in self.store.transaction_owners:
-            raise _ApiError(
-                409, "DUPLICATE_TRANSACTION", f"Transaction {transaction_id} was already credited"
-            )
-        user = ctx.user
-        now = time.time()
-        deposit = {
-            "deposit_id": _new_id("dep_"),
-            "transaction_id": transaction_id,
-            "wallet_address": address,
-            "chain_type": chain_type,
-            "currency": currency,
-            "amount": amount,
-            "status": "completed",
-            "confirmations": _DEPOSIT_CONFIRMATIONS,
-            "completed_at": _iso(now),
-        }
-        self.store.transaction_owners[transaction_id] = user.id
-        user.deposits[transaction_id] = deposit
-        user.balance_available += amount
-        if tier:
-            user.tier = tier
-        return _success(
-            ctx,
-            {
-                "deposit_id": deposit["deposit_id"],
-                "transaction_id": transaction_id,
-                "status": "completed",
-                "amount": amount,
-                "currency": currency,
-                "confirmation_required": _DEPOSIT_CONFIRMATIONS,
-                "confirmation_current": _DEPOSIT_CONFIRMATIONS,
-            },
-        )
-
-    def wallet_transaction(self, ctx: _Ctx) -> _Response:
-        transaction_id = ctx.params["transaction_id"]
-        deposit = ctx.user.deposits.get(transaction_id)
-        if deposit is None:
-            raise _ApiError(404, "TRANSACTION_NOT_FOUND", f"Transaction {transaction_id} not found")
-        return _success(
-            ctx,
-            {
-                "transaction_id": transaction_id,
-                "status": deposit["status"],
-                "chain_type": deposit["chain_type"],
-                "currency": deposit["currency"],
-                "confirmations": deposit["confirmations"],
-                "amount": deposit["amount"],
-                "balance_added": deposit["amount"],
-                "completed_at": deposit["completed_at"],
-            },
-        )
-
-    def subscription(self, ctx: _Ctx) -> _Response:
-        subscription_id = ctx.params["subscription_id"]
-        sub = ctx.user.subscriptions.get(subscription_id)
-        if sub is None:
-            raise _ApiError(
-                404, "SUBSCRIPTION_NOT_FOUND", f"Subscription {subscription_id} not found"
-            )
-        return _success(ctx, sub.detail())
-
-    def cancel_subscription(self, ctx: _Ctx) -> _Response:
-        body = ctx.json_body()
-        subscription_id = _req_str(body, "subscription_id")
-        at_period_end = _opt_bool(body, "cancel_at_period_end")
-        sub = ctx.user.subscriptions.get(subscription_id)
-        if sub is None:
-            raise _ApiError(
-                404, "SUBSCRIPTION_NOT_FOUND", f"Subscription {subscription_id} not found"
-            )
-        # Cancelling an already cancelled subscription is answered idempotently, so a retried
-        # request reports the same final state instead of an error.
-        if sub.status != "canceled":
-            if at_period_end is None or at_period_end:
-                sub.cancel_at_period_end = True
-            else:
-                sub.status = "canceled"
-                sub.cancel_at_period_end = False
-        return _success(
-            ctx,
-            {
-                "subscription_id": sub.id,
-                "status": sub.status,
-                "cancel_at_period_end": sub.cancel_at_period_end,
-            },
-        )
+    def not_implemented(self, ctx: _Ctx) -> _Response:
+        raise _ApiError(501, "NOT_IMPLEMENTED", "Feature not yet available")
 
     # -- crypto payments ---------------------------------------------------------------------
 
     def invoice_create(self, ctx: _Ctx) -> _Response:
         body = ctx.json_body()
-        asset = _req_str(body, "asset")
-        network = _req_str(body, "network")
-        amount = body.get("amount")
-        if amount is None:
-            raise _missing("amount")
-        if not isinstance(amount, str) or not _DECIMAL_AMOUNT.match(amount.strip()):
-            raise _validation("Field 'amount' must be a decimal string such as \"42.75\"")
-        if Decimal(amount) <= 0:
-            raise _validation("Field 'amount' must be greater than 0")
+        _check_fields(
+            body,
+            [
+                ("asset", "str", True),
+                ("network", "str", True),
+                ("amount", "str", True),
+                ("expires_in_seconds", "int", False),
+                ("beneficiary", "dict", False),
+                ("metadata", "dict", False),
+            ],
+        )
+        asset = body["asset"].strip().upper()
+        network = body["network"].strip().lower()
+        if asset not in _CRYPTO_ASSETS:
+            raise _ApiError(400, "UNSUPPORTED_ASSET", f"Unsupported asset: {body['asset']}")
+        if network not in _CRYPTO_NETWORKS:
+            raise _ApiError(400, "UNSUPPORTED_NETWORK", f"Unsupported network: {body['network']}")
+        raw_amount = body["amount"].strip()
+        try:
+            amount = Decimal(raw_amount)
+        except InvalidOperation:
+            raise _validation(f"Invalid amount: {raw_amount}") from None
+        if not amount.is_finite() or amount <= 0:
+            raise _validation("Amount must be a positive, finite decimal")
+        now = self.store.now()
         ttl = body.get("expires_in_seconds")
-        if ttl is None:
-            ttl = _INVOICE_TTL
-        elif isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0:
-            raise _validation("Field 'expires_in_seconds' must be a positive integer")
         invoice = _Invoice(
-            id=_new_id("inv_"),
-            user_id=ctx.user.id,
+            id=_uuid(),
             asset=asset,
             network=network,
-            amount=amount.strip(),
-            expires_at=time.time() + ttl,
-            beneficiary=_opt_dict(body, "beneficiary"),
-            metadata=_opt_dict(body, "metadata") or {},
+            amount=raw_amount,
+            expires_at=None if ttl is None else now + ttl,
+            beneficiary=body.get("beneficiary"),
+            metadata=dict(body.get("metadata") or {}),
+            created_at=now,
         )
         self.store.invoices[invoice.id] = invoice
         return _success(ctx, {"invoice": invoice.public()}, status=201)
 
-    def _own_invoice(self, ctx: _Ctx) -> _Invoice:
+    def _invoice(self, ctx: _Ctx) -> _Invoice:
         invoice_id = ctx.params["invoice_id"]
+        if not _is_uuid(invoice_id):
+            raise _validation("invoice_id must be a valid UUID")
         invoice = self.store.invoices.get(invoice_id)
-        if invoice is None or invoice.user_id != ctx.user.id:
+        if invoice is None:
             raise _ApiError(404, "INVOICE_NOT_FOUND", f"Invoice {invoice_id} not found")
         return invoice
 
     def invoice_get(self, ctx: _Ctx) -> _Response:
-        return _success(ctx, {"invoice": self._own_invoice(ctx).public()})
+        return _success(ctx, {"invoice": self._invoice(ctx).public()})
 
     def invoice_status(self, ctx: _Ctx) -> _Response:
-        return _success(ctx, self._own_invoice(ctx).status_view())
+        return _success(ctx, self._invoice(ctx).status_view())
 
     def reconcile(self, ctx: _Ctx) -> _Response:
+        ctx.json_body(required=False)
+        return _success(ctx, {"reconciled": True, "message": "Payment reconciliation completed"})
+
+    # -- stripe ------------------------------------------------------------------------------
+
+    def stripe_products(self, ctx: _Ctx) -> _Response:
+        products: dict[str, _Json] = {}
+        for price in self.store.prices.values():
+            product = products.setdefault(
+                price.product_id,
+                {"id": price.product_id, "name": price.product_name, "active": True, "prices": []},
+            )
+            product["prices"].append(
+                {
+                    "id": price.id,
+                    "unit_amount": price.unit_amount,
+                    "currency": price.currency,
+                    "recurring_interval": price.recurring_interval,
+                }
+            )
+        return _success(ctx, {"products": list(products.values()), "total": len(products)})
+
+    def stripe_checkout(self, ctx: _Ctx) -> _Response:
         body = ctx.json_body()
-        cursor = body.get("cursor")
-        own = [i for i in self.store.invoices.values() if i.user_id == ctx.user.id]
-        job = {
-            "job_id": _new_id("job_"),
-            "scheduled_at": _iso(time.time()),
-            "cursor": {"last_invoice_id": own[-1].id} if own else None,
-        }
-        self.store.recon_jobs.append(
-            dict(job, requested_cursor=cursor, recon_token=ctx.headers.get("x-recon-token"))
+        for name in ("success_url", "cancel_url"):
+            # The real server checks URL schemes before it validates the rest of the body.
+            value = body.get(name)
+            if isinstance(value, str) and not value.startswith(("http://", "https://")):
+                raise _validation(f"{name} must use http:// or https://")
+        _check_fields(
+            body,
+            [
+                ("mode", "str", True),
+                ("line_items", "list", True),
+                ("success_url", "str", True),
+                ("cancel_url", "str", True),
+                ("customer_email", "str", False),
+                ("client_reference_id", "str", False),
+                ("metadata", "dict", False),
+                ("allow_promotion_codes", "bool", False),
+                ("trial_period_days", "int", False),
+            ],
         )
-        return _success(ctx, job)
+        errors: dict[str, str] = {}
+        if body["mode"] not in ("payment", "subscription"):
+            errors["mode"] = "Input should be 'payment' or 'subscription'"
+        items: list[Any] = body["line_items"]
+        if not items:
+            errors["line_items"] = "List should have at least 1 item after validation, not 0"
+        for index, item in enumerate(items):
+            if not isinstance(item, dict):
+                errors[f"line_items.{index}"] = _KIND_MESSAGES["dict"]
+                continue
+            for extra in sorted(set(item) - {"price_id", "quantity"}):
+                errors[f"line_items.{index}.{extra}"] = "Extra inputs are not permitted"
+            if not isinstance(item.get("price_id"), str):
+                errors[f"line_items.{index}.price_id"] = (
+                    "Field required" if item.get("price_id") is None else _KIND_MESSAGES["str"]
+                )
+            quantity = item.get("quantity")
+            if quantity is None:
+                errors[f"line_items.{index}.quantity"] = "Field required"
+            elif not _kind_ok("int", quantity):
+                errors[f"line_items.{index}.quantity"] = _KIND_MESSAGES["int"]
+            elif quantity < 1:
+                errors[f"line_items.{index}.quantity"] = (
+                    "Input should be greater than or equal to 1"
+                )
+        if errors:
+            raise _fields_error(errors)
+        idempotency_key = ctx.headers.get("idempotency-key")
+        if idempotency_key:
+            previous = self.store.checkout_by_key.get((ctx.user.id, idempotency_key))
+            if previous is not None:
+                if previous[0] != ctx.body.decode("utf-8", "replace"):
+                    raise _ApiError(
+                        409,
+                        "IDEMPOTENCY_KEY_REUSED",
+                        "Idempotency-Key was reused with a different payload",
+                    )
+                return _success(ctx, dict(previous[1]), status=201)
+        prices = []
+        for item in items:
+            price = self.store.prices.get(item["price_id"])
+            if price is None:
+                raise _ApiError(404, "PRICE_NOT_FOUND", "Price not found")
+            prices.append((price, int(item["quantity"])))
+        now = self.store.now()
+        session_id = "cs_test_" + secrets.token_hex(16)
+        session = {
+            "id": session_id,
+            "status": "open",
+            "url": f"https://checkout.stripe.com/c/pay/{session_id}",
+            "amount_total": sum(p.unit_amount * q for p, q in prices),
+            "currency": prices[0][0].currency,
+            "customer_email": body.get("customer_email") or ctx.user.email,
+            "client_reference_id": body.get("client_reference_id"),
+            "success_url": body["success_url"],
+            "cancel_url": body["cancel_url"],
+            "payment_status": "unpaid",
+            "payment_intent": None,
+            "subscription": None,
+            "metadata": dict(body.get("metadata") or {}),
+            "expires_at": _iso(now + _CHECKOUT_TTL),
+            "created_at": _iso(now),
+        }
+        self.store.checkout_sessions.append((ctx.user.id, session))
+        if idempotency_key:
+            self.store.checkout_by_key[(ctx.user.id, idempotency_key)] = (
+                ctx.body.decode("utf-8", "replace"),
+                session,
+            )
+        return _success(ctx, dict(session), status=201)
+
+    def stripe_checkout_list(self, ctx: _Ctx) -> _Response:
+        limit = ctx.query_int("limit", 50, minimum=1)
+        offset = ctx.query_int("offset", 0)
+        mine = [dict(s) for owner, s in self.store.checkout_sessions if owner == ctx.user.id]
+        page = mine[offset : offset + limit]
+        return _success(ctx, {"sessions": page, "has_more": offset + len(page) < len(mine)})
+
+    def stripe_subscriptions(self, ctx: _Ctx) -> _Response:
+        return _success(ctx, {"subscriptions": [], "has_more": False})
+
+    def stripe_history(self, ctx: _Ctx) -> _Response:
+        return _success(ctx, {"payments": [], "has_more": False, "total_count": 0})
 
     # -- usage -------------------------------------------------------------------------------
 
     def usage_features(self, ctx: _Ctx) -> _Response:
-        user = ctx.user
-        start, end = _month_bounds(time.time())
-        features = []
-        overage: _Json = {}
-        for name, (limit, description, price) in _FEATURES.items():
-            used = user.usage[name]
-            features.append(
-                {
-                    "name": name,
-                    "description": description,
-                    "used": _number(used),
-                    "limit": _number(limit),
-                    "percentage": round(used / limit * 100, 2),
-                    "reset_at": _iso(end),
+        # Measured: the catalogue is application-wide (a user without any grant sees it too);
+        # the latest grant naming a feature sets its advertised limits.
+        features: dict[str, _Json] = {}
+        for ent in self.store.entitlements:
+            for key in ent.features:
+                previous = features.get(key)
+                keys = set(previous["active_entitlements"]) if previous else set()
+                features[key] = {
+                    "feature_key": key,
+                    "display_name": _display_name(key),
+                    "dimensions": sorted(ent.limits) or ["requests"],
+                    "active": True,
+                    "policy_key": f"{key}_default",
+                    "limits": dict(ent.limits),
+                    "active_entitlements": sorted(keys | {ent.key}),
                 }
-            )
-            if used > limit:
-                overage[name] = {"quantity": _number(used - limit), "cost": (used - limit) * price}
-        return _success(
-            ctx,
-            {
-                "user_id": user.id,
-                "tier": user.tier,
-                "period": {"start": _iso(start), "end": _iso(end)},
-                "features": features,
-                "overage": overage,
-            },
+        return _success(ctx, {"features": list(features.values())})
+
+    def _decision(
+        self, body: Mapping[str, Any], requested: Mapping[str, Any], *, from_body: bool
+    ) -> _Json:
+        """The policy answer shared by authorize and status (403 without an entitlement)."""
+        if body["resource_type"] == "user" and not (
+            body.get("subject_user_id") or body.get("resource_id")
+        ):
+            message = "resource_id or subject_user_id is required for user usage"
+            if from_body:  # a model validator on the real server, a handler check for status
+                raise _fields_error({"_root_": "Value error, " + message})
+            raise _validation(message)
+        subject = body.get("subject_user_id") or body.get("resource_id")
+        feature_key = body["feature_key"]
+        keys, limits = self.store.feature_policy(str(subject), feature_key)
+        if not keys:
+            raise _ApiError(403, "USAGE_ENTITLEMENT_REQUIRED", _ENTITLEMENT_REQUIRED)
+        totals = self.store.window_totals(str(subject), feature_key)
+        remaining: dict[str, float] = {}
+        blocked = False
+        for dim, limit in limits.items():
+            wanted = float(requested.get(dim, 0) or 0)
+            left = limit - totals.get(dim, 0.0) - wanted
+            blocked = blocked or left < 0
+            remaining[dim] = max(0.0, left)
+        window_key, start, end = _month_window(self.store.now())
+        reason = (
+            {"code": "USAGE_LIMIT_EXCEEDED", "message": "Usage limit exceeded.", "details": None}
+            if blocked
+            else {
+                "code": "ENTITLEMENT_ALLOWED",
+                "message": "Active entitlement allows this feature.",
+                "details": None,
+            }
         )
+        return {
+            "decision": "blocked" if blocked else "allowed",
+            "feature_key": feature_key,
+            "resource_type": body["resource_type"],
+            "resource_id": body.get("resource_id"),
+            "subject_user_id": body.get("subject_user_id"),
+            "active_entitlements": keys,
+            "policy_key": f"{feature_key}_default",
+            "window": {
+                "window_key": window_key,
+                "starts_at": _iso_z(start).replace(".000000", ""),
+                "ends_at": _iso_z(end).replace(".000000", ""),
+            },
+            "window_totals": totals,
+            "remaining": remaining,
+            "reasons": [reason],
+            "warnings": [],
+        }
+
+    def usage_authorize(self, ctx: _Ctx) -> _Response:
+        body = ctx.json_body()
+        _check_fields(
+            body,
+            [
+                ("feature_key", "str", True),
+                ("resource_type", "str", True),
+                ("resource_id", "str", False),
+                ("subject_user_id", "str", False),
+                ("dimensions", "dict", False),
+            ],
+        )
+        decision = self._decision(body, body.get("dimensions") or {}, from_body=True)
+        now = self.store.now()
+        ref = _uuid()
+        subject = str(body.get("subject_user_id") or body.get("resource_id"))
+        self.store.authorizations[ref] = _Authorization(
+            ref, body["feature_key"], subject, now + _AUTHORIZATION_TTL
+        )
+        data = {"decision": decision.pop("decision"), "authorization_ref": ref, **decision}
+        data["expires_at"] = _iso_z(now + _AUTHORIZATION_TTL)
+        return _success(ctx, data)
+
+    def usage_status(self, ctx: _Ctx) -> _Response:
+        query = {name: ctx.query_str(name) for name in ("feature_key", "resource_type")}
+        missing = {f"query.{k}": "Field required" for k, v in query.items() if not v}
+        if missing:
+            raise _fields_error(missing)
+        body = {
+            **query,
+            "subject_user_id": ctx.query_str("subject_user_id"),
+            "resource_id": ctx.query_str("resource_id"),
+        }
+        return _success(ctx, self._decision(body, {}, from_body=False))
 
     def usage_record(self, ctx: _Ctx) -> _Response:
-        user = ctx.user
-        key = ctx.headers.get("x-idempotency-key", "")
-        if key and (user.id, key) in self.store.idempotent_usage:
-            return _success(ctx, self.store.idempotent_usage[(user.id, key)])
         body = ctx.json_body()
-        feature = _req_str(body, "feature")
-        quantity = _req_positive(body, "quantity")
-        _opt_dict(body, "metadata")
-        timestamp = _opt_str(body, "timestamp")
-        if feature not in _FEATURES:
-            raise _ApiError(404, "FEATURE_NOT_FOUND", f"Unknown usage feature '{feature}'")
-        now = time.time()
-        date = _timestamp_date(timestamp, "timestamp") if timestamp else _date_of(now)
-        user.usage[feature] += quantity
-        used = user.usage[feature]
-        limit = _FEATURES[feature][0]
-        percentage = used / limit * 100
-        record = {
-            "record_id": _new_id("usage_"),
-            "feature": feature,
-            "quantity": _number(quantity),
-            "recorded_at": _iso(now),
-            "current_usage": {
-                "used": _number(used),
-                "limit": _number(limit),
-                "remaining": _number(max(0, limit - used)),
-            },
-            "warning": (
-                f"{feature} usage is at {percentage:.0f}% of the limit" if percentage > 80 else None
-            ),
+        _check_fields(
+            body,
+            [
+                ("authorization_ref", "uuid", True),
+                ("idempotency_key", "str", True),
+                ("feature_key", "str", True),
+                ("resource_type", "str", True),
+                ("dimensions", "dict", True),
+                ("resource_id", "str", False),
+                ("subject_user_id", "str", False),
+                ("metadata", "dict", False),
+            ],
+        )
+        previous = self.store.usage_by_key.get(body["idempotency_key"])
+        if previous is not None:
+            return _success(ctx, {**previous, "status": "replayed", "replayed": True}, status=201)
+        now = self.store.now()
+        auth = self.store.authorizations.get(body["authorization_ref"])
+        if auth is None or auth.expires_at <= now or auth.feature_key != body["feature_key"]:
+            raise _ApiError(
+                409,
+                "USAGE_AUTHORIZATION_EXPIRED",
+                "Usage authorization is missing, expired, or mismatched",
+            )
+        keys, _ = self.store.feature_policy(auth.subject_user_id, auth.feature_key)
+        window_key, _, _ = _month_window(now)
+        dimensions = {
+            str(k): float(v)
+            for k, v in body["dimensions"].items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
         }
-        self.store.usage_records.append(_UsageRecord(user.id, feature, quantity, date))
-        if key:
-            self.store.idempotent_usage[(user.id, key)] = record
-        return _success(ctx, record)
+        event = {
+            "event_id": _uuid(),
+            "feature_key": auth.feature_key,
+            "resource_type": body["resource_type"],
+            "resource_id": body.get("resource_id"),
+            "subject_user_id": auth.subject_user_id,
+            "active_entitlements": keys,
+            "policy_key": f"{auth.feature_key}_default",
+            "authorization_ref": auth.ref,
+            "idempotency_key": body["idempotency_key"],
+            "dimensions": dimensions,
+            "metadata": dict(body.get("metadata") or {}),
+            "occurred_at": _iso_z(now),
+            "recorded_at": _iso_z(now),
+            "_window": window_key,
+        }
+        self.store.usage_events.append(event)
+        result = {
+            "event_id": event["event_id"],
+            "status": "recorded",
+            "replayed": False,
+            "idempotency_key": body["idempotency_key"],
+            "authorization_ref": auth.ref,
+            "recorded_at": event["recorded_at"],
+            "window_totals": self.store.window_totals(auth.subject_user_id, auth.feature_key),
+        }
+        self.store.usage_by_key[body["idempotency_key"]] = result
+        return _success(ctx, dict(result), status=201)
 
     def usage_history(self, ctx: _Ctx) -> _Response:
-        period = ctx.query_str("period") or None
-        start = ctx.query_str("start_date") or None
-        end = ctx.query_str("end_date") or None
-        feature = ctx.query_str("feature") or None
-        start_key = _timestamp_date(start, "start_date") if start else None
-        end_key = _timestamp_date(end, "end_date") if end else None
-        by_date: dict[str, dict[str, float]] = {}
-        totals: dict[str, float] = {}
-        count = 0
-        for rec in self.store.usage_records:
-            if rec.user_id != ctx.user.id or (feature and rec.feature != feature):
-                continue
-            if (start_key and rec.date < start_key) or (end_key and rec.date > end_key):
-                continue
-            count += 1
-            day = by_date.setdefault(rec.date, {})
-            day[rec.feature] = day.get(rec.feature, 0) + rec.quantity
-            totals[rec.feature] = totals.get(rec.feature, 0) + rec.quantity
-        history: list[_Json] = [
-            {
-                "date": date,
-                "features": {name: _number(qty) for name, qty in day.items()},
-                "total_cost": round(sum(q * _FEATURES[n][2] for n, q in day.items()), 6),
-            }
-            for date, day in sorted(by_date.items())
+        limit = ctx.query_int("limit", 50, minimum=1)
+        offset = ctx.query_int("offset", 0)
+        feature = ctx.query_str("feature_key") or ctx.query_str("feature")
+        events = [
+            {k: v for k, v in e.items() if not k.startswith("_")}
+            for e in reversed(self.store.usage_events)
+            if e["subject_user_id"] == ctx.user.id and (not feature or e["feature_key"] == feature)
         ]
-        dates = sorted(by_date)
+        page = events[offset : offset + limit]
+        # Like the real server: a full page always claims there may be more.
+        has_more = len(page) == limit
         return _success(
             ctx,
             {
-                "period": period,
-                "start_date": start or (dates[0] if dates else None),
-                "end_date": end or (dates[-1] if dates else None),
-                "history": history,
-                "summary": {
-                    "total_records": count,
-                    "total_quantity": _number(sum(totals.values())),
-                    "total_cost": round(sum(h["total_cost"] for h in history), 6),
-                    "features": {name: _number(qty) for name, qty in totals.items()},
-                },
+                "events": page,
+                "has_more": has_more,
+                "next_offset": offset + len(page) if has_more else None,
             },
         )
 
@@ -1905,99 +2411,160 @@ class _Api:
 
     def whitelist_check(self, ctx: _Ctx) -> _Response:
         email = ctx.query_str("email")
-        if not email:
-            raise _validation("Query parameter 'email' is required")
+        if email is None:
+            raise _fields_error({"query.email": "Field required"})
+        if not _kind_ok("email", email):
+            raise _validation("Invalid email format")
         entry = self.store.whitelist.get(email.strip().lower())
-        if entry is None:
-            return _success(ctx, {"message": "Email is not whitelisted"})
-        return _success(ctx, {"message": "Email is whitelisted", "entry": dict(entry)})
+        state = "is" if entry is not None else "is not"
+        return _success(
+            ctx,
+            {
+                "entry": dict(entry) if entry is not None else None,
+                "message": f"Email {email} {state} whitelisted",
+            },
+        )
 
     def whitelist_list(self, ctx: _Ctx) -> _Response:
-        limit = ctx.query_int("limit", 10)
-        offset = ctx.query_int("offset", 0) or 0
+        limit = ctx.query_int("limit", 50, minimum=1)
+        offset = ctx.query_int("offset", 0)
         tier = ctx.query_str("tier") or None
         entries = [e for e in self.store.whitelist.values() if tier is None or e["tier"] == tier]
-        page = entries[offset:] if limit is None else entries[offset : offset + limit]
+        page = entries[offset : offset + limit]
         return _success(ctx, {"entries": [dict(e) for e in page], "total": len(entries)})
+
+    def whitelist_stats(self, ctx: _Ctx) -> _Response:
+        counts: dict[str, int] = {}
+        for entry in self.store.whitelist.values():
+            counts[entry["tier"]] = counts.get(entry["tier"], 0) + 1
+        return _success(
+            ctx,
+            {
+                "stats": {
+                    "enabled": True,
+                    "total": len(self.store.whitelist),
+                    "tierBreakdown": [{"tier": t, "count": n} for t, n in sorted(counts.items())],
+                }
+            },
+        )
 
     def whitelist_add(self, ctx: _Ctx) -> _Response:
         body = ctx.json_body()
-        email = _req_email(body)
-        tier = _opt_str(body, "tier") or "premium"
-        bypass = _opt_bool(body, "bypass_payment")
-        metadata = _opt_dict(body, "metadata")
+        _check_fields(
+            body,
+            [
+                ("email", "email", True),
+                ("tier", "str", False),
+                ("bypass_payment", "bool", False),
+                ("metadata", "dict", False),
+            ],
+        )
+        email = body["email"].strip()
         key = email.lower()
-        now = _iso(time.time())
-        existing = self.store.whitelist.get(key)
-        # Adding an already whitelisted email updates it, so retried adds are harmless.
+        if key in self.store.whitelist:
+            raise _ApiError(409, "DUPLICATE_ENTRY", f"Email {email} is already whitelisted")
+        now = _iso(self.store.now())
         entry = {
+            "id": _uuid(),
+            "application_id": APPLICATION_ID,
             "email": email,
-            "application_id": _APP_ID,
-            "tier": tier,
-            "bypass_payment": True if bypass is None else bypass,
-            "metadata": metadata if metadata is not None else {},
-            "created_at": existing["created_at"] if existing else now,
+            "tier": body.get("tier") or "premium",
+            "bypass_payment": bool(body.get("bypass_payment", True)),
+            "metadata": dict(body.get("metadata") or {}),
+            "created_by": ctx.user.id,
+            "created_at": now,
             "updated_at": now,
         }
         self.store.whitelist[key] = entry
-        message = "Whitelist entry updated" if existing else "Email added to whitelist"
-        status = 200 if existing else 201
-        return _success(ctx, {"message": message, "entry": dict(entry)}, status=status)
+        return _success(
+            ctx,
+            {"entry": dict(entry), "message": f"Email {email} successfully added to whitelist"},
+            status=201,
+        )
 
     def _whitelist_entry(self, ctx: _Ctx) -> tuple[str, _Json]:
         email = ctx.params["email"]
         entry = self.store.whitelist.get(email.strip().lower())
         if entry is None:
-            raise _ApiError(404, "NOT_FOUND", f"{email} is not whitelisted")
+            raise _ApiError(404, "NOT_FOUND", f"Whitelist entry for {email} not found")
         return email.strip().lower(), entry
 
     def whitelist_update(self, ctx: _Ctx) -> _Response:
-        body = ctx.json_body()
-        tier = _opt_str(body, "tier")
-        bypass = _opt_bool(body, "bypass_payment")
-        metadata = _opt_dict(body, "metadata")
+        body = ctx.json_body(required=False)
+        _check_fields(
+            body,
+            [
+                ("tier", "str", False),
+                ("bypass_payment", "bool", False),
+                ("metadata", "dict", False),
+            ],
+        )
         _, entry = self._whitelist_entry(ctx)
-        if tier is not None:
-            entry["tier"] = tier
-        if bypass is not None:
-            entry["bypass_payment"] = bypass
-        if metadata is not None:
-            entry["metadata"] = metadata
-        entry["updated_at"] = _iso(time.time())
-        return _success(ctx, {"message": "Whitelist entry updated", "entry": dict(entry)})
+        for name in ("tier", "bypass_payment", "metadata"):
+            if body.get(name) is not None:
+                entry[name] = body[name]
+        entry["updated_at"] = _iso(self.store.now())
+        return _success(
+            ctx,
+            {
+                "entry": dict(entry),
+                "message": f"Whitelist entry for {ctx.params['email']} updated successfully",
+            },
+        )
 
     def whitelist_remove(self, ctx: _Ctx) -> _Response:
         key, _ = self._whitelist_entry(ctx)
         del self.store.whitelist[key]
-        return _success(ctx, {"message": "Email removed from whitelist"})
+        return _Response(204)
 
     # -- secure messages ---------------------------------------------------------------------
 
     def message_create(self, ctx: _Ctx) -> _Response:
         body = ctx.json_body()
-        values: dict[str, str] = {}
-        for camel, snake in (
-            ("patientId", "patient_id"),
-            ("practitionerId", "practitioner_id"),
-            ("content", "content"),
-        ):
-            if body.get(camel) is None and body.get(snake) is not None:
-                raise _validation(
-                    f"Field '{camel}' is required (request keys are camelCase, got '{snake}')"
-                )
-            values[snake] = _req_str(body, camel)
+        _check_fields(
+            body,
+            [
+                ("patientId", "str", True),
+                ("practitionerId", "str", True),
+                ("content", "str", True),
+                ("metadata", "dict", False),
+            ],
+        )
+        patient, practitioner = body["patientId"], body["practitionerId"]
+        for name, value in (("patient_id", patient), ("practitioner_id", practitioner)):
+            if not _is_uuid(value):
+                raise _validation(f"{name} must be a valid UUID")
+        if patient not in self.store.members or practitioner not in self.store.members:
+            raise _ApiError(
+                403,
+                "SECURE_MESSAGES_FORBIDDEN_PARTICIPANT",
+                "Access denied: participant is not a member of this application",
+            )
+        if ctx.user.id not in (patient, practitioner) and not ctx.user.is_admin:
+            raise _ApiError(
+                403,
+                "SECURE_MESSAGES_FORBIDDEN_PARTICIPANT",
+                "Access denied: user is not a participant in this message",
+            )
         message = {
-            "id": f"msg-{uuid.uuid4()}",
-            "application_id": _APP_ID,
-            **values,
-            "metadata": _opt_dict(body, "metadata") or {},
-            "created_at": _iso(time.time()),
+            "id": _uuid(),
+            "application_id": APPLICATION_ID,
+            "patient_id": patient,
+            "practitioner_id": practitioner,
+            "content": body["content"],
+            "metadata": dict(body.get("metadata") or {}),
+            "created_at": _iso(self.store.now()),
         }
-        self.store.messages.append((ctx.user.id, message))
+        self.store.messages.append(message)
         return _success(ctx, dict(message), status=201)
 
     def message_list(self, ctx: _Ctx) -> _Response:
-        mine = [dict(m) for owner, m in self.store.messages if owner == ctx.user.id]
+        me = ctx.user
+        mine = [
+            dict(m)
+            for m in self.store.messages
+            if me.is_admin or me.id in (m["patient_id"], m["practitioner_id"])
+        ]
         return _success(ctx, {"messages": mine})
 
     # -- metrics and health ------------------------------------------------------------------
@@ -2006,7 +2573,25 @@ class _Api:
         return sorted(self.mock._metrics.items())
 
     def metrics_text(self, ctx: _Ctx) -> _Response:
+        store = self.store
         lines = [
+            "# HELP spaps_uptime_seconds Time since service start",
+            "# TYPE spaps_uptime_seconds gauge",
+            f"spaps_uptime_seconds {round(store.now() - store.started_at, 1)}",
+            "",
+            "# HELP spaps_requests_total Total requests served",
+            "# TYPE spaps_requests_total counter",
+            f"spaps_requests_total {store.requests_total}",
+            "",
+            "# HELP spaps_errors_total Total error responses",
+            "# TYPE spaps_errors_total counter",
+            f"spaps_errors_total {store.errors_total}",
+            "",
+            "# HELP spaps_info Service information",
+            "# TYPE spaps_info gauge",
+            f'spaps_info{{version="{_VERSION}"}} 1',
+            "",
+            # Not on the real server: per-route counts so tests can see what the emulator served.
             "# HELP spaps_mock_http_requests_total HTTP requests answered by the mock.",
             "# TYPE spaps_mock_http_requests_total counter",
         ]
@@ -2016,45 +2601,51 @@ class _Api:
                 f'spaps_mock_http_requests_total{{method="{method}",route="{route_label}",'
                 f'status="{status}"}} {count}'
             )
-        lines += [
-            "# HELP spaps_mock_uptime_seconds Seconds since the mock started.",
-            "# TYPE spaps_mock_uptime_seconds gauge",
-            f"spaps_mock_uptime_seconds {time.time() - self.mock._started_at:.3f}",
-            "# HELP spaps_mock_users Users known to the mock.",
-            "# TYPE spaps_mock_users gauge",
-            f"spaps_mock_users {len(self.store.users)}",
-            "# HELP spaps_mock_active_sessions Sessions that are neither revoked nor expired.",
-            "# TYPE spaps_mock_active_sessions gauge",
-            f"spaps_mock_active_sessions {self._active_sessions()}",
-        ]
         body = ("\n".join(lines) + "\n").encode("utf-8")
         return _Response(200, body, "text/plain; version=0.0.4; charset=utf-8")
 
-    def _active_sessions(self) -> int:
-        now = time.time()
-        return sum(1 for s in self.store.sessions.values() if not s.revoked and s.expires_at > now)
-
     def metrics_json(self, ctx: _Ctx) -> _Response:
-        by_route: dict[str, int] = {}
-        for (method, route, _), count in self._metric_snapshot():
-            key = f"{method} {route}"
-            by_route[key] = by_route.get(key, 0) + count
-        return _json_response(
-            200,
+        store = self.store
+        return _self_enveloped(
             {
-                "uptime_seconds": round(time.time() - self.mock._started_at, 3),
-                "requests_total": sum(by_route.values()),
-                "requests_by_route": by_route,
-                "users": len(self.store.users),
-                "active_sessions": self._active_sessions(),
+                "uptime_seconds": float(round(store.now() - store.started_at, 1)),
+                "requests_total": store.requests_total,
+                "errors_total": store.errors_total,
+                "version": _VERSION,
+            }
+        )
+
+    def internal_metrics(self, ctx: _Ctx) -> _Response:
+        raise _ApiError(403, "FORBIDDEN", "Invalid service credentials")
+
+    def health(self, ctx: _Ctx) -> _Response:
+        started = self.store.started_at
+        est = datetime.fromtimestamp(started, tz=_EST)
+        return _success(
+            ctx,
+            {
+                "status": "ok",
+                "version": _VERSION,
+                "started_at": _iso(started),
+                "started_at_est": est.strftime("%Y-%m-%d %I:%M:%S %p EST"),
             },
         )
 
-    def health(self, ctx: _Ctx) -> _Response:
-        return _json_response(200, {"status": "healthy"})
-
     def ready(self, ctx: _Ctx) -> _Response:
-        return _json_response(200, {"ready": True})
+        connected = {"status": "connected"}
+        return _self_enveloped(
+            {
+                "status": "ready",
+                "mode": "standard",
+                "environment": "development",
+                "spaps_local_mode": False,
+                "checks": {
+                    "database": dict(connected),
+                    "redis": dict(connected),
+                    "pii_encryption": dict(connected),
+                },
+            }
+        )
 
     # -- control routes (/__mock__/...) ------------------------------------------------------
 
@@ -2066,13 +2657,16 @@ class _Api:
         try:
             if name.startswith("invoices/") and method == "POST":
                 invoice_id = unquote(name[len("invoices/") :])
-                status = _req_str(ctx.json_body(), "status")
+                payload = ctx.json_body()
+                _check_fields(payload, [("status", "str", True)])
+                status = payload["status"]
                 try:
                     mock.set_invoice_status(invoice_id, status)
                 except KeyError:
                     raise _ApiError(404, "NOT_FOUND", f"Invoice {invoice_id} not found") from None
                 return _json_response(200, {"invoice_id": invoice_id, "status": status})
             handler = {
+                ("POST", "prices"): self._control_prices,
                 ("POST", "inject"): self._control_inject,
                 ("POST", "clear-faults"): self._control_clear_faults,
                 ("GET", "stats"): self._control_stats,
@@ -2089,12 +2683,12 @@ class _Api:
                 raise _ApiError(404, "NOT_FOUND", f"No control route {method} {path}")
             return handler(ctx)
         except _ApiError as exc:
-            return _error_response(rid, exc.status, exc.code, exc.message)
+            return _error_response(rid, exc.status, exc.code, exc.message, details=exc.details)
 
     def _control_inject(self, ctx: _Ctx) -> _Response:
         body = ctx.json_body()
-        method = _req_str(body, "method")
-        path = _req_str(body, "path")
+        _check_fields(body, [("method", "str", True), ("path", "str", True)])
+        method, path = body["method"], body["path"]
         actions = body.get("actions")
         if not isinstance(actions, list) or not all(isinstance(a, dict) for a in actions):
             raise _validation("Field 'actions' must be a list of objects")
@@ -2154,7 +2748,7 @@ class _Api:
     def _control_token(self, ctx: _Ctx, tokens: Mapping[str, _OneTimeToken]) -> _Response:
         email = ctx.query_str("email")
         if not email:
-            raise _validation("Query parameter 'email' is required")
+            raise _fields_error({"query.email": "Field required"})
         with self.mock._lock:
             return _json_response(200, {"email": email, "token": _latest_token(tokens, email)})
 
@@ -2171,11 +2765,40 @@ class _Api:
                 self.mock.access_token_ttl = body["access_token_ttl"]
             except ValueError as exc:
                 raise _validation(str(exc)) from None
+        _check_fields(body, [("api_key", "str", False), ("rate_limit", "bool", False)])
         if "api_key" in body:
-            self.mock.api_key = _opt_str(body, "api_key")
+            self.mock.api_key = body["api_key"]
+        if "rate_limit" in body:
+            self.mock.rate_limit = bool(body["rate_limit"])
         return _json_response(
-            200, {"access_token_ttl": self.mock.access_token_ttl, "api_key": self.mock.api_key}
+            200,
+            {
+                "access_token_ttl": self.mock.access_token_ttl,
+                "api_key": self.mock.api_key,
+                "rate_limit": self.mock.rate_limit,
+            },
         )
+
+    def _control_prices(self, ctx: _Ctx) -> _Response:
+        body = ctx.json_body()
+        _check_fields(
+            body,
+            [
+                ("price_id", "str", True),
+                ("unit_amount", "int", False),
+                ("currency", "str", False),
+                ("product_name", "str", False),
+                ("recurring_interval", "str", False),
+            ],
+        )
+        price = self.mock.add_price(
+            body["price_id"],
+            unit_amount=body.get("unit_amount", 1000),
+            currency=body.get("currency") or "usd",
+            product_name=body.get("product_name") or "Mock product",
+            recurring_interval=body.get("recurring_interval"),
+        )
+        return _json_response(201, price)
 
 
 # =================================================================================================
@@ -2227,9 +2850,15 @@ class _Fault:
         if self.raw_body is not None:
             return _Response(self.status or 200, self.raw_body.encode("utf-8"), self.content_type)
         if self.status is not None:
-            default = "RATE_LIMITED" if self.status == 429 else "SERVER_ERROR"
+            default = "RATE_LIMIT_EXCEEDED" if self.status == 429 else "SERVER_ERROR"
             message = self.message or f"Injected fault: HTTP {self.status}"
-            return _error_response(request_id, self.status, self.code or default, message)
+            details: _Json = {}
+            if self.status == 429 and self.retry_after is not None:
+                with contextlib.suppress(ValueError):
+                    details["retry_after"] = int(float(self.retry_after))
+            return _error_response(
+                request_id, self.status, self.code or default, message, details=details
+            )
         return None
 
 
@@ -2403,7 +3032,8 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
         method = self.command.upper()
         raw_path, raw_query = _split_target(self.path)
         headers = {name.lower(): value for name, value in self.headers.items()}
-        request_id = _new_request_id()
+        # The real server echoes an inbound X-Request-ID in the header and the body.
+        request_id = headers.get("x-request-id") or str(uuid.uuid4())
         self._conn.any_request = True
 
         if raw_path.startswith(_CONTROL_PREFIX):
@@ -2442,6 +3072,7 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
                 return
 
         replacement = fault.replacement(request_id) if fault is not None else None
+        # Injected faults get the server's headers too, so only the injected parts differ.
         if replacement is None:
             client_ip = str(self.client_address[0])
             ctx = _Ctx(method, raw_path, query, headers, body, request_id, client_ip, raw_query)
@@ -2449,6 +3080,7 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
         else:
             response = replacement
             response.route = mock._api.route_label(method, raw_path)
+        response.headers = {**_SECURITY_HEADERS, **response.headers}
         if fault is not None:
             response.headers.update(fault.response_headers())
         mock._count_metric(method, response.route, response.status)
@@ -2501,6 +3133,7 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         if exc.respond:
             response = _error_response(request_id, 400, "VALIDATION_ERROR", str(exc))
+            response.headers.update(_SECURITY_HEADERS)
             self._send(response, request_id, method)
 
     def _reset_connection(self) -> None:
