@@ -5,8 +5,10 @@
 With ``SPAPS_API_URL`` unset it starts the bundled emulator (``spaps_mock``) on
 a free loopback port and signs in as its demo user. With ``SPAPS_API_URL`` set
 it talks to that SPAPS, signing in with ``SPAPS_EMAIL`` / ``SPAPS_PASSWORD``
-(and ``SPAPS_API_KEY``); steps that create things (checkout, usage record,
-message, invoice) then run only with ``SPAPS_QUICKSTART_WRITE=1``.
+(and ``SPAPS_API_KEY``); steps that create things (invoice, checkout, usage
+record) then run only with ``SPAPS_QUICKSTART_WRITE=1``. A checkout needs a price
+that SPAPS manages (``SPAPS_PRICE_ID``) and usage needs an entitlement: without
+them those steps print why they did not happen.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Iterator
 # Run from a checkout without installing anything: the client is one file next door.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from spaps_client import AsyncSpapsClient, SpapsClient
+from spaps_client import AsyncSpapsClient, PaymentsError, SpapsClient, UsageError
 
 DEMO_EMAIL = "demo@example.com"
 DEMO_PASSWORD = "demo-password"
@@ -34,26 +36,27 @@ def sync_quickstart(email: str, password: str, *, write: bool) -> None:
         print(f"[sync] signed in; session id: {session.session_id}")
         listing = spaps.sessions.list_sessions(limit=10)
         print(f"[sync] sessions: {listing.total}")
-        print(f"[sync] health: {spaps.metrics.health().get('status')}")
+        print(f"[sync] health: {spaps.metrics.health()['data']['status']}")
         if not write:
             return
-        checkout = spaps.payments.create_checkout_session(
-            price_id="price_basic_monthly",
-            mode="subscription",
-            success_url="https://example.com/success",
-            cancel_url="https://example.com/cancel",
-        )
-        print(f"[sync] checkout: {checkout.checkout_url}")
-        record = spaps.usage.record_usage(feature="api_calls", quantity=1,
-                                          idempotency_key="quickstart-usage-1")
-        print(f"[sync] usage recorded: {record.record_id} (used {record.current_usage.used})")
-        message = spaps.secure_messages.create_message(
-            patient_id="patient-1", practitioner_id="practitioner-1", content="Hello, doctor"
-        )
-        print(f"[sync] secure message: {message.id}")
         invoice = spaps.payments.crypto.create_invoice(asset="USDC", network="base",
                                                        amount="42.75")
         print(f"[sync] crypto invoice: {invoice.invoice_id} ({invoice.status})")
+        try:
+            checkout = spaps.payments.create_checkout_session(
+                price_id=os.environ.get("SPAPS_PRICE_ID", "price_basic_monthly"),
+                mode="subscription",
+                success_url="https://example.com/success",
+                cancel_url="https://example.com/cancel",
+            )
+            print(f"[sync] checkout: {checkout.checkout_url}")
+        except PaymentsError as exc:  # an unknown price, or a SPAPS without Stripe
+            print(f"[sync] no checkout: {exc.error_code}: {exc}")
+        try:
+            record = spaps.usage.record_usage(feature="api_calls", quantity=1)
+            print(f"[sync] usage recorded: {record.record_id} (used {record.current_usage.used})")
+        except UsageError as exc:  # USAGE_ENTITLEMENT_REQUIRED until the user is entitled
+            print(f"[sync] usage not recorded: {exc.error_code}: {exc}")
 
 
 async def async_quickstart(email: str, password: str) -> None:
@@ -65,7 +68,7 @@ async def async_quickstart(email: str, password: str) -> None:
         listing = await spaps.sessions.list_sessions(limit=10)
         print(f"[async] sessions: {listing.total}")
         health = await spaps.metrics.health()
-        print(f"[async] health: {health.get('status')}")
+        print(f"[async] health: {health['data']['status']}")
 
 
 @contextlib.contextmanager

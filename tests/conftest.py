@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import os
 import sys
 import threading
-from typing import Iterator, List
+import urllib.request
+from typing import Dict, Iterator, List, Optional
 
 import pytest
 
@@ -15,7 +18,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from spaps_client import SpapsClient  # noqa: E402
-from spaps_mock import MockServer  # noqa: E402
+from spaps_mock import ADMIN_EMAIL, ADMIN_PASSWORD, MockServer  # noqa: E402
 
 DEMO_EMAIL = "demo@example.com"
 DEMO_PASSWORD = "demo-password"
@@ -63,6 +66,49 @@ def signed_in(client: SpapsClient) -> SpapsClient:
     """``client`` after signing in as the emulator's demo user."""
     client.auth.sign_in_with_password(email=DEMO_EMAIL, password=DEMO_PASSWORD)
     return client
+
+
+@pytest.fixture
+def admin(server: MockServer) -> Iterator[SpapsClient]:
+    """A client signed in as the emulator's seeded admin (whitelist writes, grants)."""
+    with SpapsClient(base_url=server.url, api_key=API_KEY) as spaps:
+        spaps.auth.sign_in_with_password(email=ADMIN_EMAIL, password=ADMIN_PASSWORD)
+        yield spaps
+
+
+def grant_usage(server: MockServer, user_id: str, feature: str = "api_calls",
+                limits: Optional[Dict[str, float]] = None) -> None:
+    """Entitle ``user_id`` to ``feature`` as an admin does (SPAPS meters only entitled users)."""
+    with SpapsClient(base_url=server.url, api_key=API_KEY) as spaps:
+        spaps.auth.sign_in_with_password(email=ADMIN_EMAIL, password=ADMIN_PASSWORD)
+        tokens = spaps.get_tokens()
+        assert tokens is not None
+        body = json.dumps({
+            "beneficiary_user_id": user_id, "entitlement_key": feature, "reason": "tests",
+            "metadata": {"usage_features": [feature],
+                         "usage_limits": limits or {"requests": 1000}},
+        }).encode()
+        request = urllib.request.Request(
+            server.url + "/api/entitlements/manual", data=body, method="POST",
+            headers={"X-API-Key": API_KEY, "Authorization": "Bearer " + tokens.access_token,
+                     "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.status in (200, 201)
+
+
+def user_id_of(client: SpapsClient) -> str:
+    """The signed-in user's id, read from the access token without a request."""
+    tokens = client.get_tokens()
+    assert tokens is not None
+    payload = tokens.access_token.split(".")[1]
+    return str(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["sub"])
+
+
+@pytest.fixture
+def entitled(server: MockServer, signed_in: SpapsClient) -> SpapsClient:
+    """``signed_in`` after an admin entitled the demo user to ``api_calls`` (1000 requests)."""
+    grant_usage(server, user_id_of(signed_in))
+    return signed_in
 
 
 @pytest.fixture(autouse=True)
