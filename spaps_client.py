@@ -2898,12 +2898,7 @@ class _Service:
             _CALL_BUDGET.deadline = time.monotonic() + ctx.http.timeout
         try:
             return self._call_within_budget(method, url, auth, token, payload, headers,
-                                            idempotency_key)
-        except SpapsError as exc:
-            # Servers echo input in their messages; what the client knows to be secret
-            # must not reach logs and error trackers through the exception text.
-            _scrub_error(exc, self._secrets(token, body))
-            raise
+                                            idempotency_key, lambda: self._secrets(token, body))
         finally:
             if outermost:
                 _CALL_BUDGET.deadline = None
@@ -2918,7 +2913,8 @@ class _Service:
 
     def _call_within_budget(self, method: str, url: str, auth: str, token: Optional[str],
                             payload: Optional[bytes], headers: Optional[Dict[str, str]],
-                            idempotency_key: Optional[str]) -> _Reply:
+                            idempotency_key: Optional[str],
+                            secrets: Callable[[], List[str]]) -> _Reply:
         ctx = self._ctx
         explicit = token
         if auth in (_BEARER, _OPTIONAL_BEARER) and not token:
@@ -2933,7 +2929,7 @@ class _Service:
             fresh = ctx.tokens.after_rejection(token)
             if fresh and fresh != token:
                 result = self._send(method, url, auth, fresh, payload, headers, idempotency_key)
-        return self._reply(result)
+        return self._reply(result, secrets)
 
     def _send(self, method: str, url: str, auth: str, token: Optional[str],
               payload: Optional[bytes], extra: Optional[Dict[str, str]],
@@ -2948,11 +2944,11 @@ class _Service:
         return self._ctx.http.request(method, url, headers=headers, body=payload,
                                       idempotency_key=idempotency_key)
 
-    def _reply(self, result: _Result) -> _Reply:
+    def _reply(self, result: _Result, secrets: Callable[[], List[str]]) -> _Reply:
         import json
 
         if result.status >= 300:
-            raise self._status_error(result)
+            raise self._status_error(result, secrets())
         reply = _Reply(self, result, {})
         if result.status == 204:  # No Content: done, and nothing to say about it
             return reply
@@ -2967,12 +2963,17 @@ class _Service:
         if not isinstance(body, dict):
             raise reply.invalid(f"the body is JSON {_kind(body)}, expected an object")
         if body.get("success") is False:  # an error envelope, whatever the status says
-            raise self._status_error(result)
+            raise self._status_error(result, secrets())
         reply.body = body
         return reply
 
-    def _status_error(self, result: _Result) -> SpapsError:
-        """The service's error for a status >= 300, from whatever the body offers."""
+    def _status_error(self, result: _Result, secrets: List[str]) -> SpapsError:
+        """The service's error for a status >= 300, from whatever the body offers.
+
+        Servers echo input in their messages: every secret the client knows is scrubbed
+        from the text (before it is shortened, which could cut a secret in two) so that
+        it never reaches logs and error trackers through the exception.
+        """
         import json
 
         document: Any = None
@@ -3000,8 +3001,9 @@ class _Service:
             message = f"{self._label} request failed with HTTP {result.status}{detail}"
         retry_after = _parse_retry_after(result.headers.get("retry-after"))
         return self._error(
-            message, status_code=result.status, error_code=code, response=result.public,
-            request_id=_request_id(result, body), retry_after=retry_after, details=details,
+            _scrub(message, secrets), status_code=result.status, error_code=code,
+            response=result.public, request_id=_request_id(result, body),
+            retry_after=retry_after, details=details and _scrub_json(details, secrets),
         )
 
 
@@ -3020,15 +3022,6 @@ def _scrub(text: str, secrets: List[str]) -> str:
         if len(secret) >= 4:
             text = text.replace(secret, _REDACTED).replace(quote(secret, safe=""), _REDACTED)
     return text
-
-
-def _scrub_error(exc: SpapsError, secrets: List[str]) -> None:
-    message = _scrub(exc.message, secrets)
-    if message != exc.message:
-        exc.message = message
-        exc.args = (message,)
-    if exc.details:
-        exc.details = _scrub_json(exc.details, secrets)
 
 
 def _scrub_json(value: Any, secrets: List[str]) -> Any:
@@ -3924,7 +3917,7 @@ class MetricsClient(_Service):
         result = self._send("GET", self.base_url + "/api/metrics", _NONE, None, None,
                             {"Accept": "text/plain"}, None)
         if result.status >= 300:
-            raise self._status_error(result)
+            raise self._status_error(result, [])
         if result.body is None:
             raise _Reply(self, result, {}).invalid(f"the body exceeds {_MAX_BODY} bytes")
         return result.body.decode("utf-8", "replace")
