@@ -88,17 +88,21 @@ __all__ = [
     "SpapsError", "SpapsTransportError", "SpapsTimeoutError", "SpapsConfigurationError",
     "AuthError", "SessionError", "PaymentsError", "CryptoPaymentsError", "UsageError",
     "WhitelistError", "SecureMessagesError", "MetricsError", "WebhookVerificationError",
+    "MfaRequiredError", "EntitlementsError",
     # transport
     "HttpRequest", "HttpResponse", "RetryClient", "RetryAsyncClient", "create_http_client",
     # models
     "NonceResponse", "TokenPair", "TokenUser", "RegistrationTokens", "RegistrationUser",
     "RegistrationResponse", "MagicLinkSendResponse", "MagicLinkAuthResponse", "MessageResponse",
-    "UserWallet", "UserProfile", "PasswordResetRequestResponse",
+    "UserWallet", "UserProfile", "PasswordResetRequestResponse", "TotpEnrollment",
+    "TotpActivation", "AuthMethod", "AuthMethods", "SessionContext",
     "SessionSummary", "SessionValidationResult", "SessionListResult", "SessionRecord",
     "SessionTouchResult", "SessionRevokeResult",
     "CheckoutSession", "PaymentIntent", "WalletDeposit", "WalletTransaction", "SubscriptionPlan",
     "SubscriptionDetail", "SubscriptionCancellation", "BalanceOverview", "BalanceAmounts",
-    "UsageSummary", "PaymentMethodUpdateResult",
+    "UsageSummary", "PaymentMethodUpdateResult", "SubscriptionList", "Price", "Product",
+    "ProductList", "CheckoutSessionList", "PortalSession", "PaymentRecord", "PaymentHistory",
+    "Entitlement", "EntitlementClaimResult", "ManualGrantParams",
     "CryptoInvoice", "CryptoInvoiceStatus", "CryptoReconcileJob",
     "UsagePeriod", "UsageFeature", "UsageFeaturesResponse", "UsageRecordUsage",
     "UsageRecordResult", "UsageHistoryEntry", "UsageHistoryResponse", "UsageAuthorization",
@@ -109,8 +113,8 @@ __all__ = [
     "StoredTokens", "TokenStorage", "InMemoryTokenStorage", "FileTokenStorage",
     # services
     "AuthClient", "SessionsClient", "PaymentsClient", "CryptoPaymentsClient", "UsageClient",
-    "WhitelistClient", "SecureMessagesClient", "MetricsClient",
-    "AsyncAuthClient", "AsyncSessionsClient", "AsyncPaymentsClient",
+    "WhitelistClient", "SecureMessagesClient", "MetricsClient", "EntitlementsClient",
+    "AsyncEntitlementsClient", "AsyncAuthClient", "AsyncSessionsClient", "AsyncPaymentsClient",
     "AsyncCryptoPaymentsClient", "AsyncUsageClient", "AsyncWhitelistClient",
     "AsyncSecureMessagesClient", "AsyncMetricsClient",
     # webhooks
@@ -533,6 +537,25 @@ class AuthError(SpapsError):
     """A call of the Auth service failed (also raised when a token refresh fails)."""
 
 
+class MfaRequiredError(AuthError):
+    """The password was right and the account asks for a second factor.
+
+    Complete the sign-in with ``auth.verify_mfa(challenge_id=error.challenge_id,
+    challenge=error.challenge, code=...)``; ``methods`` lists the factors the
+    server accepts (e.g. ``["totp"]``), ``expires_at`` when the challenge lapses.
+    The challenge is never part of ``str()`` or ``repr()``.
+    """
+
+    def __init__(self, message: str, *, challenge_id: str, challenge: str,
+                 methods: Optional[List[str]] = None, expires_at: Optional[str] = None,
+                 **kwargs: Any) -> None:
+        super().__init__(message, error_code="MFA_REQUIRED", retryable=False, **kwargs)
+        self.challenge_id = challenge_id
+        self.challenge = challenge
+        self.methods: List[str] = list(methods or [])
+        self.expires_at = expires_at
+
+
 class SessionError(SpapsError):
     """A call of the Sessions service failed."""
 
@@ -555,6 +578,10 @@ class WhitelistError(SpapsError):
 
 class SecureMessagesError(SpapsError):
     """A call of the Secure messages service failed."""
+
+
+class EntitlementsError(SpapsError):
+    """A call of the Entitlements service failed."""
 
 
 class MetricsError(SpapsError):
@@ -1742,6 +1769,44 @@ class TokenPair(_Model):
     expires_in: int
     user: Optional[TokenUser] = None
     token_type: str = "Bearer"  # noqa: S105 - a token type, not a secret
+    mfa_method: Optional[str] = None
+    recovery_codes_remaining: Optional[int] = None
+
+
+@_dataclass(repr=False, eq=False)
+class TotpEnrollment(_Model):
+    """A TOTP secret to put in an authenticator app (or show as a QR code of
+    ``provisioning_uri``); the secret and the URI are hidden from ``repr``."""
+
+    secret: str = _field(repr=False)
+    provisioning_uri: str = _field(repr=False)
+    issuer: Optional[str] = None
+    account_name: Optional[str] = None
+
+
+@_dataclass(repr=False, eq=False)
+class TotpActivation(_Model):
+    """TOTP switched on: keep the one-time ``recovery_codes`` (hidden from ``repr``)."""
+
+    recovery_codes: List[str] = _field(default_factory=list, repr=False)
+    activated_at: Optional[datetime] = None
+
+
+@_dataclass(repr=False, eq=False)
+class AuthMethod(_Model):
+    """A sign-in method of the application (``password``, ``magic_link``,
+    ``wallet:ethereum``, ...) and whether it is enabled."""
+
+    method: str
+    enabled: bool = False
+    config: Dict[str, Any] = _field(default_factory=dict)
+
+
+@_dataclass(repr=False, eq=False)
+class AuthMethods(_Model):
+    """The application's sign-in methods."""
+
+    methods: List[AuthMethod] = _field(default_factory=list)
 
 
 @_dataclass(repr=False, eq=False)
@@ -1835,6 +1900,19 @@ class UserProfile(_Model):
     roles: List[str] = _field(default_factory=list)
     permissions: List[str] = _field(default_factory=list)
     is_admin: Optional[bool] = _field(default=None, metadata=_IS_ADMIN_ALIAS)
+
+
+@_dataclass(repr=False, eq=False)
+class SessionContext(_Model):
+    """Who is signed in and what they may do: user, entitlements, wallets, MFA."""
+
+    user: UserProfile
+    entitlements: List[Dict[str, Any]] = _field(default_factory=list)
+    entitlements_count: int = 0
+    wallets: List[Dict[str, Any]] = _field(default_factory=list)
+    tier: Optional[str] = None
+    mfa_enrolled: bool = False
+    methods_hint: Optional[str] = None
 
 
 @_dataclass(repr=False, eq=False)
@@ -1997,6 +2075,91 @@ class SubscriptionDetail(_Model):
     current_period_start: Optional[datetime] = None
     canceled_at: Optional[datetime] = None
     items: List[Dict[str, Any]] = _field(default_factory=list)
+    price_id: Optional[str] = None
+
+
+@_dataclass(repr=False, eq=False)
+class SubscriptionList(_Model):
+    """A page of the user's subscriptions."""
+
+    subscriptions: List[SubscriptionDetail] = _field(default_factory=list)
+    has_more: bool = False
+
+
+@_dataclass(repr=False, eq=False)
+class Price(_Model):
+    """A price SPAPS manages; ``unit_amount`` in minor units (cents)."""
+
+    price_id: str = _field(metadata=_ID_ALIAS)
+    currency: Optional[str] = None
+    type: Optional[str] = None
+    unit_amount: Optional[int] = None
+    recurring: Optional[Dict[str, Any]] = None
+    nickname: Optional[str] = None
+    product_id: Optional[str] = None
+    active: Optional[bool] = None
+
+
+@_dataclass(repr=False, eq=False)
+class Product(_Model):
+    """A product of the application's catalogue and its default price."""
+
+    product_id: str = _field(metadata=_ID_ALIAS)
+    name: Optional[str] = None
+    description: Optional[str] = None
+    active: Optional[bool] = None
+    default_price: Optional[Price] = None
+    prices: List[Price] = _field(default_factory=list)
+    images: List[str] = _field(default_factory=list)
+    metadata: Optional[Dict[str, Any]] = None
+    created_at: Optional[datetime] = None
+
+
+@_dataclass(repr=False, eq=False)
+class ProductList(_Model):
+    """A page of products; ``total`` counts all of them."""
+
+    products: List[Product] = _field(default_factory=list)
+    total: Optional[int] = None
+
+
+@_dataclass(repr=False, eq=False)
+class CheckoutSessionList(_Model):
+    """A page of the user's checkout sessions."""
+
+    sessions: List[CheckoutSession] = _field(default_factory=list)
+    has_more: bool = False
+
+
+@_dataclass(repr=False, eq=False)
+class PortalSession(_Model):
+    """A Stripe billing-portal session: send the user to ``url``."""
+
+    url: Optional[str] = None
+    session_id: Optional[str] = _field(default=None, metadata=_ID_ALIAS)
+    return_url: Optional[str] = None
+
+
+@_dataclass(repr=False, eq=False)
+class PaymentRecord(_Model):
+    """A payment in the user's history; ``amount`` in minor units (cents)."""
+
+    payment_id: str = _field(metadata=_ID_ALIAS)
+    amount: Optional[int] = None
+    currency: Optional[str] = None
+    status: Optional[str] = None
+    created_at: Optional[datetime] = None
+    stripe_payment_intent_id: Optional[str] = None
+    metadata: Optional[Dict[str, Any]] = None
+
+
+@_dataclass(repr=False, eq=False)
+class PaymentHistory(_Model):
+    """A page of the user's payments."""
+
+    payments: List[PaymentRecord] = _field(default_factory=list)
+    has_more: bool = False
+    total_count: Optional[int] = None
 
 
 @_dataclass(repr=False, eq=False)
@@ -2248,6 +2411,57 @@ class UsageHistoryResponse(_Model):
     events: List[UsageEvent] = _field(default_factory=list)
     has_more: bool = False
     next_offset: Optional[int] = None
+
+
+# --- Entitlement models ---
+
+
+@_dataclass(repr=False, eq=False)
+class Entitlement(_Model):
+    """What a user (or company, org, ...) may use, from a purchase or a manual grant."""
+
+    id: str
+    entitlement_key: str
+    application_id: Optional[str] = None
+    beneficiary_user_id: Optional[str] = None
+    beneficiary_email: Optional[str] = None
+    source: Optional[str] = None
+    entitlement_type: Optional[str] = None
+    status: Optional[str] = None
+    resource_type: Optional[str] = None
+    resource_id: Optional[str] = None
+    starts_at: Optional[datetime] = None
+    ends_at: Optional[datetime] = None
+    revoked_at: Optional[datetime] = None
+    revoked_reason: Optional[str] = None
+    manual_grant_reason: Optional[str] = None
+    granted_by_user_id: Optional[str] = None
+    metadata: Dict[str, Any] = _field(default_factory=dict)
+    created_at: Optional[datetime] = None
+    updated_at: Optional[datetime] = None
+
+
+@_dataclass(repr=False, eq=False)
+class EntitlementClaimResult(_Model):
+    """Entitlements bought for the user's e-mail before the account existed, now theirs."""
+
+    claimed: List[Entitlement] = _field(default_factory=list)
+    count: int = 0
+
+
+@_dataclass(repr=False, eq=False)
+class ManualGrantParams(_LazyDataclass):
+    """What ``entitlements.grant_manual`` grants; name a beneficiary by id or e-mail."""
+
+    entitlement_key: str
+    beneficiary_user_id: Optional[str] = None
+    beneficiary_email: Optional[str] = None
+    starts_at: Optional[str] = None
+    ends_at: Optional[str] = None
+    reason: Optional[str] = None
+    metadata: Optional[Dict[str, Any]] = None
+    resource_type: Optional[str] = None
+    resource_id: Optional[str] = None
 
 
 # --- Whitelist and secure message models ---
@@ -3097,10 +3311,72 @@ class AuthClient(_Service):
                                            body=body))
 
     def sign_in_with_password(self, *, email: str, password: str) -> TokenPair:
-        """Sign in with email and password; stores the tokens."""
-        return self._token_pair(self._call(
-            "POST", "/api/auth/login", auth=_KEY, body={"email": email, "password": password}
-        ))
+        """Sign in with email and password; stores the tokens.
+
+        Raises ``MfaRequiredError`` when the account has a second factor: finish with
+        ``verify_mfa``.
+        """
+        reply = self._call("POST", "/api/auth/login", auth=_KEY,
+                           body={"email": email, "password": password})
+        data = reply.data()
+        if data.get("mfa_required") is True or ("challenge_id" in data
+                                                 and "access_token" not in data):
+            challenge_id, challenge = data.get("challenge_id"), data.get("challenge")
+            if not isinstance(challenge_id, str) or not isinstance(challenge, str):
+                raise reply.invalid("an MFA challenge without challenge_id and challenge")
+            methods = data.get("methods")
+            raise MfaRequiredError(
+                "this account needs a second factor: complete the sign-in with "
+                "auth.verify_mfa(challenge_id=..., challenge=..., code=...)",
+                challenge_id=challenge_id, challenge=challenge,
+                methods=[str(m) for m in methods] if isinstance(methods, list) else None,
+                expires_at=data.get("expires_at") if isinstance(data.get("expires_at"), str)
+                else None,
+                status_code=reply.result.status, response=reply.result.public,
+                request_id=_request_id(reply.result, reply.body))
+        return self._token_pair(reply)
+
+    def verify_mfa(self, *, challenge_id: str, challenge: str, code: Optional[str] = None,
+                   recovery_code: Optional[str] = None) -> TokenPair:
+        """Finish an MFA sign-in with a TOTP ``code`` or a ``recovery_code``; stores the
+        tokens (``recovery_codes_remaining`` says how many recovery codes are left)."""
+        if (code is None) == (recovery_code is None):
+            raise ValueError("verify_mfa needs exactly one of code= or recovery_code=")
+        body = {"challenge_id": challenge_id, "challenge": challenge,
+                **_pick(code=code, recovery_code=recovery_code)}
+        return self._token_pair(self._call("POST", "/api/auth/mfa/verify", auth=_KEY,
+                                           body=body))
+
+    def enroll_totp(self, *, access_token: Optional[str] = None) -> TotpEnrollment:
+        """Start TOTP for the signed-in user: a secret for an authenticator app. Nothing
+        changes until ``activate_totp`` confirms a code from that app."""
+        reply = self._call("POST", "/api/auth/mfa/totp/enroll", token=access_token, body={})
+        return reply.parse(TotpEnrollment, reply.data())
+
+    def activate_totp(self, *, code: str, access_token: Optional[str] = None
+                      ) -> TotpActivation:
+        """Switch TOTP on with a current ``code``; returns the one-time recovery codes."""
+        reply = self._call("POST", "/api/auth/mfa/totp/activate", token=access_token,
+                           body={"code": code})
+        return reply.parse(TotpActivation, reply.data())
+
+    def disable_totp(self, *, code: str, access_token: Optional[str] = None
+                     ) -> MessageResponse:
+        """Switch TOTP off; ``code`` is a current TOTP code or a recovery code."""
+        reply = self._call("POST", "/api/auth/mfa/totp/disable", token=access_token,
+                           body={"code": code})
+        return reply.parse(MessageResponse, {"message": reply.first_text(
+            reply.data().get("message")) or "TOTP disabled"})
+
+    def get_auth_methods(self) -> AuthMethods:
+        """The sign-in methods the application offers (API key only)."""
+        reply = self._call("GET", "/api/auth/methods", auth=_KEY)
+        return reply.parse(AuthMethods, reply.data())
+
+    def get_session_context(self, *, access_token: Optional[str] = None) -> SessionContext:
+        """The signed-in user with their entitlements, wallets, tier and MFA state."""
+        reply = self._call("GET", "/api/auth/session-context", token=access_token)
+        return reply.parse(SessionContext, reply.data())
 
     def refresh_tokens(self, *, refresh_token: str) -> TokenPair:
         """Exchange a refresh token for a new pair (the old refresh token stops working)."""
@@ -3418,6 +3694,12 @@ class CryptoPaymentsClient(_Service):
         return reply.parse(CryptoReconcileJob, reply.data())
 
 
+def _paging(**filters: Any) -> List[Tuple[str, str]]:
+    """Query pairs for the filters that are set; booleans as ``true``/``false``."""
+    return [(key, ("true" if value else "false") if isinstance(value, bool) else str(value))
+            for key, value in filters.items() if value is not None]
+
+
 def _token_subject(token: Optional[str]) -> Optional[str]:
     """The ``sub`` claim of a JWT, or ``None`` when ``token`` is not one."""
     import base64
@@ -3571,7 +3853,7 @@ class PaymentsClient(_Service):
                            "payments.crypto.get_invoice_status()")
         return reply.parse(WalletTransaction, reply.data())
 
-    def get_subscription(self, *, subscription_id: str,
+    def get_subscription(self, subscription_id: str, *,
                          access_token_override: Optional[str] = None) -> SubscriptionDetail:
         """Subscription ``subscription_id`` (``GET /api/stripe/subscription/{id}``)."""
         path = "/api/stripe/subscription/" + _segment(subscription_id, "subscription_id")
@@ -3581,19 +3863,98 @@ class PaymentsClient(_Service):
 
     def cancel_subscription(
         self,
-        *,
         subscription_id: str,
+        *,
         cancel_at_period_end: Optional[bool] = None,
+        immediately: Optional[bool] = None,
         access_token_override: Optional[str] = None,
     ) -> SubscriptionCancellation:
-        """Cancel a subscription at the end of the period (the default) or, with
-        ``cancel_at_period_end=False``, at once."""
+        """Cancel a subscription at the end of the period (the default) or at once
+        (``immediately=True``, or the reference client's ``cancel_at_period_end=False``)."""
+        if immediately is None:
+            immediately = cancel_at_period_end is False
+        elif cancel_at_period_end is not None and cancel_at_period_end == immediately:
+            raise ValueError("cancel_at_period_end and immediately contradict each other")
         path = ("/api/stripe/subscription/" + _segment(subscription_id, "subscription_id")
                 + "/cancel")
-        reply = self._call("POST", path, body={"immediately": cancel_at_period_end is False},
+        reply = self._call("POST", path, body={"immediately": immediately},
                            token=access_token_override)
         return reply.parse(SubscriptionCancellation, {"subscription_id": subscription_id,
                                                       **_unwrap(reply.data(), "subscription")})
+
+    def update_subscription(self, subscription_id: str, *, price_id: str,
+                            access_token_override: Optional[str] = None) -> SubscriptionDetail:
+        """Move subscription ``subscription_id`` to price ``price_id``."""
+        path = ("/api/stripe/subscription/" + _segment(subscription_id, "subscription_id")
+                + "/update")
+        reply = self._call("POST", path, body={"price_id": price_id},
+                           token=access_token_override)
+        return reply.parse(SubscriptionDetail, {"subscription_id": subscription_id,
+                                                **_unwrap(reply.data(), "subscription")})
+
+    def list_subscriptions(self, *, status: Optional[str] = None, limit: Optional[int] = None,
+                           offset: Optional[int] = None,
+                           access_token_override: Optional[str] = None) -> SubscriptionList:
+        """The user's subscriptions, optionally only those in ``status``."""
+        reply = self._call("GET", "/api/stripe/subscriptions", token=access_token_override,
+                           query=_paging(status=status, limit=limit, offset=offset))
+        return reply.parse(SubscriptionList, reply.data())
+
+    def list_products(self, *, category: Optional[str] = None, active: Optional[bool] = None,
+                      limit: Optional[int] = None, offset: Optional[int] = None,
+                      access_token_override: Optional[str] = None) -> ProductList:
+        """The application's products and their default prices."""
+        reply = self._call("GET", "/api/stripe/products", token=access_token_override,
+                           query=_paging(category=category, active=active, limit=limit,
+                                         offset=offset))
+        return reply.parse(ProductList, reply.data())
+
+    def get_product(self, product_id: str, *, access_token_override: Optional[str] = None
+                    ) -> Product:
+        """Product ``product_id``."""
+        reply = self._call("GET", "/api/stripe/products/" + _segment(product_id, "product_id"),
+                           token=access_token_override)
+        return reply.parse(Product, _unwrap(reply.data(), "product"))
+
+    def list_checkout_sessions(self, *, limit: Optional[int] = None,
+                               offset: Optional[int] = None,
+                               access_token_override: Optional[str] = None
+                               ) -> CheckoutSessionList:
+        """The user's checkout sessions, newest first."""
+        reply = self._call("GET", "/api/stripe/checkout-sessions", token=access_token_override,
+                           query=_paging(limit=limit, offset=offset))
+        return reply.parse(CheckoutSessionList, reply.data())
+
+    def get_checkout_session(self, session_id: str, *,
+                             access_token_override: Optional[str] = None) -> CheckoutSession:
+        """Checkout session ``session_id`` and its payment status."""
+        path = "/api/stripe/checkout-sessions/" + _segment(session_id, "session_id")
+        reply = self._call("GET", path, token=access_token_override)
+        return reply.parse(CheckoutSession, _unwrap(reply.data(), "session"))
+
+    def expire_checkout_session(self, session_id: str, *,
+                                access_token_override: Optional[str] = None
+                                ) -> CheckoutSession:
+        """End checkout session ``session_id`` before the user pays."""
+        path = "/api/stripe/checkout-sessions/" + _segment(session_id, "session_id") + "/expire"
+        reply = self._call("POST", path, token=access_token_override, body={})
+        return reply.parse(CheckoutSession, {"session_id": session_id,
+                                             **_unwrap(reply.data(), "session")})
+
+    def create_portal_session(self, *, return_url: str,
+                              access_token_override: Optional[str] = None) -> PortalSession:
+        """A Stripe billing-portal session where the user manages cards and invoices."""
+        reply = self._call("POST", "/api/stripe/portal-session", token=access_token_override,
+                           body={"return_url": return_url})
+        return reply.parse(PortalSession, {"return_url": return_url, **reply.data()})
+
+    def list_payment_history(self, *, status: Optional[str] = None, limit: Optional[int] = None,
+                             offset: Optional[int] = None,
+                             access_token_override: Optional[str] = None) -> PaymentHistory:
+        """The user's payments, newest first."""
+        reply = self._call("GET", "/api/stripe/history", token=access_token_override,
+                           query=_paging(status=status, limit=limit, offset=offset))
+        return reply.parse(PaymentHistory, reply.data())
 
     def _stub(self, method: str, path: str, token: Optional[str], *, instead: str,
               **options: Any) -> _Reply:
@@ -3650,6 +4011,25 @@ class UsageClient(_Service):
                     metadata=metadata)}
         reply = self._call("POST", "/api/usage/authorize", body=body,
                            token=access_token_override)
+        return reply.parse(UsageAuthorization, reply.data())
+
+    def get_usage_status(
+        self,
+        *,
+        feature_key: str,
+        resource_type: str = "user",
+        resource_id: Optional[str] = None,
+        subject_user_id: Optional[str] = None,
+        access_token_override: Optional[str] = None,
+    ) -> UsageAuthorization:
+        """Where ``feature_key`` stands now (decision, window totals, remaining), without
+        authorizing anything: the result has no ``authorization_ref``."""
+        query = _paging(feature_key=feature_key, resource_type=resource_type,
+                        resource_id=resource_id,
+                        subject_user_id=self._subject(resource_type, subject_user_id,
+                                                      access_token_override))
+        reply = self._call("GET", "/api/usage/status", token=access_token_override,
+                           query=query)
         return reply.parse(UsageAuthorization, reply.data())
 
     def record_usage(
@@ -3775,6 +4155,123 @@ class UsageClient(_Service):
         query = [(key, value) for key, value in filters.items() if value]
         reply = self._call("GET", "/api/usage/history", token=access_token_override, query=query)
         return reply.parse(UsageHistoryResponse, reply.data())
+
+
+class EntitlementsClient(_Service):
+    """Entitlements: what users may use, from purchases or manual grants
+    (``/api/entitlements``). Lookups need only the API key; grants and revokes an
+    admin's token."""
+
+    ENTITLEMENTS_PREFIX = "/api/entitlements"
+    _error = EntitlementsError
+    _label = "Entitlements"
+
+    def check_access(self, user_id: Optional[str] = None,
+                     entitlement_key: Optional[str] = None, *, email: Optional[str] = None,
+                     resource_type: Optional[str] = None, resource_id: Optional[str] = None
+                     ) -> bool:
+        """Whether the user (by ``user_id`` or ``email``) holds ``entitlement_key`` now."""
+        if not entitlement_key:
+            raise ValueError("check_access needs entitlement_key")
+        if not user_id and not email:
+            raise ValueError("check_access needs user_id or email")
+        reply = self._call("GET", self.ENTITLEMENTS_PREFIX + "/check", auth=_OPTIONAL_BEARER,
+                           query=_paging(user_id=user_id or None, email=email,
+                                         entitlement_key=entitlement_key,
+                                         resource_type=resource_type, resource_id=resource_id))
+        granted = reply.data().get("has_entitlement")
+        if not isinstance(granted, bool):
+            raise reply.invalid("the reply has no has_entitlement")
+        return granted
+
+    def get_user_entitlements(
+        self,
+        *,
+        user_id: Optional[str] = None,
+        email: Optional[str] = None,
+        entitlement_key: Optional[str] = None,
+        include_expired: bool = False,
+        include_revoked: bool = False,
+        limit: Optional[int] = None,
+        offset: Optional[int] = None,
+        resource_type: Optional[str] = None,
+        resource_id: Optional[str] = None,
+    ) -> List[Entitlement]:
+        """The entitlements of a user given by ``user_id`` or ``email``."""
+        if not user_id and not email:
+            raise ValueError("get_user_entitlements needs user_id or email")
+        query = _paging(user_id=user_id or None, email=email or None,
+                        entitlement_key=entitlement_key or None,
+                        include_expired=True if include_expired else None,
+                        include_revoked=True if include_revoked else None,
+                        limit=limit, offset=offset, resource_type=resource_type,
+                        resource_id=resource_id)
+        reply = self._call("GET", self.ENTITLEMENTS_PREFIX, auth=_OPTIONAL_BEARER, query=query)
+        items = reply.data().get("entitlements") or []
+        if not isinstance(items, list):
+            raise reply.invalid(f"'entitlements' is {_kind(items)}, expected a list")
+        return [reply.parse(Entitlement, item) for item in items]
+
+    def grant_manual(
+        self,
+        params: Optional[ManualGrantParams] = None,
+        *,
+        entitlement_key: Optional[str] = None,
+        beneficiary_user_id: Optional[str] = None,
+        beneficiary_email: Optional[str] = None,
+        starts_at: Optional[str] = None,
+        ends_at: Optional[str] = None,
+        reason: Optional[str] = None,
+        metadata: Optional[Dict[str, Any]] = None,
+        resource_type: Optional[str] = None,
+        resource_id: Optional[str] = None,
+        access_token: Optional[str] = None,
+    ) -> Entitlement:
+        """Grant an entitlement by hand (admins only): a ``ManualGrantParams`` or keywords.
+
+        For usage metering, name the features and limits in ``metadata``:
+        ``{"usage_features": ["api_calls"], "usage_limits": {"requests": 1000}}``.
+        """
+        if params is None:
+            if not entitlement_key:
+                raise ValueError("grant_manual needs entitlement_key (or a ManualGrantParams)")
+            params = ManualGrantParams(
+                entitlement_key=entitlement_key, beneficiary_user_id=beneficiary_user_id,
+                beneficiary_email=beneficiary_email, starts_at=starts_at, ends_at=ends_at,
+                reason=reason, metadata=metadata, resource_type=resource_type,
+                resource_id=resource_id)
+        elif entitlement_key is not None:
+            raise ValueError("pass either a ManualGrantParams or keywords, not both")
+        if not params.beneficiary_user_id and not params.beneficiary_email:
+            raise ValueError("grant_manual needs beneficiary_user_id or beneficiary_email")
+        body = {"entitlement_key": params.entitlement_key, **_pick(
+            beneficiary_user_id=params.beneficiary_user_id or None,
+            beneficiary_email=params.beneficiary_email or None,
+            starts_at=params.starts_at or None, ends_at=params.ends_at or None,
+            reason=params.reason or None, metadata=params.metadata or None,
+            resource_type=params.resource_type or None, resource_id=params.resource_id or None)}
+        reply = self._call("POST", self.ENTITLEMENTS_PREFIX + "/manual", token=access_token,
+                           body=body)
+        return reply.parse(Entitlement, _unwrap(reply.data(), "entitlement"))
+
+    def revoke(self, entitlement_id: str, *, reason: Optional[str] = None,
+               access_token: Optional[str] = None) -> Optional[Entitlement]:
+        """Revoke entitlement ``entitlement_id`` (admins only); SPAPS 0.6 answers 204, so
+        the result is ``None`` unless the server returns the revoked entitlement."""
+        path = self.ENTITLEMENTS_PREFIX + "/" + _segment(entitlement_id, "entitlement_id")
+        reply = self._call("DELETE", path, token=access_token,
+                           query=_paging(reason=reason or None))
+        data = _unwrap(reply.data(), "entitlement")
+        return reply.parse(Entitlement, data) if data else None
+
+    def claim_pending(self, *, access_token: Optional[str] = None) -> EntitlementClaimResult:
+        """Take over entitlements bought for the signed-in user's e-mail before sign-up."""
+        reply = self._call("POST", self.ENTITLEMENTS_PREFIX + "/claim", token=access_token,
+                           body={})
+        data = reply.data()
+        claimed = data.get("claimed")
+        return reply.parse(EntitlementClaimResult, {
+            **data, "count": data.get("count", len(claimed) if isinstance(claimed, list) else 0)})
 
 
 class WhitelistClient(_Service):
@@ -4057,6 +4554,12 @@ class AsyncAuthClient(_AsyncService[AuthClient]):
     get_current_user = _async_twin(AuthClient.get_current_user)
     request_password_reset = _async_twin(AuthClient.request_password_reset)
     confirm_password_reset = _async_twin(AuthClient.confirm_password_reset)
+    verify_mfa = _async_twin(AuthClient.verify_mfa)
+    enroll_totp = _async_twin(AuthClient.enroll_totp)
+    activate_totp = _async_twin(AuthClient.activate_totp)
+    disable_totp = _async_twin(AuthClient.disable_totp)
+    get_auth_methods = _async_twin(AuthClient.get_auth_methods)
+    get_session_context = _async_twin(AuthClient.get_session_context)
 
     @property
     def token_storage(self) -> Optional[TokenStorage]:
@@ -4108,6 +4611,15 @@ class AsyncPaymentsClient(_AsyncService[PaymentsClient]):
     get_wallet_transaction = _async_twin(PaymentsClient.get_wallet_transaction)
     get_subscription = _async_twin(PaymentsClient.get_subscription)
     cancel_subscription = _async_twin(PaymentsClient.cancel_subscription)
+    update_subscription = _async_twin(PaymentsClient.update_subscription)
+    list_subscriptions = _async_twin(PaymentsClient.list_subscriptions)
+    list_products = _async_twin(PaymentsClient.list_products)
+    get_product = _async_twin(PaymentsClient.get_product)
+    list_checkout_sessions = _async_twin(PaymentsClient.list_checkout_sessions)
+    get_checkout_session = _async_twin(PaymentsClient.get_checkout_session)
+    expire_checkout_session = _async_twin(PaymentsClient.expire_checkout_session)
+    create_portal_session = _async_twin(PaymentsClient.create_portal_session)
+    list_payment_history = _async_twin(PaymentsClient.list_payment_history)
 
     @property
     def crypto(self) -> AsyncCryptoPaymentsClient:
@@ -4121,8 +4633,22 @@ class AsyncUsageClient(_AsyncService[UsageClient]):
     _sync_class = UsageClient
     USAGE_PREFIX = UsageClient.USAGE_PREFIX
     get_features = _async_twin(UsageClient.get_features)
+    authorize_usage = _async_twin(UsageClient.authorize_usage)
+    get_usage_status = _async_twin(UsageClient.get_usage_status)
     record_usage = _async_twin(UsageClient.record_usage)
     get_history = _async_twin(UsageClient.get_history)
+
+
+class AsyncEntitlementsClient(_AsyncService[EntitlementsClient]):
+    """Async ``EntitlementsClient``: same constructor keywords, every method awaitable."""
+
+    _sync_class = EntitlementsClient
+    ENTITLEMENTS_PREFIX = EntitlementsClient.ENTITLEMENTS_PREFIX
+    check_access = _async_twin(EntitlementsClient.check_access)
+    get_user_entitlements = _async_twin(EntitlementsClient.get_user_entitlements)
+    grant_manual = _async_twin(EntitlementsClient.grant_manual)
+    revoke = _async_twin(EntitlementsClient.revoke)
+    claim_pending = _async_twin(EntitlementsClient.claim_pending)
 
 
 class AsyncWhitelistClient(_AsyncService[WhitelistClient]):
@@ -4407,6 +4933,11 @@ class SpapsClient:
         return self._service(WhitelistClient)
 
     @property
+    def entitlements(self) -> EntitlementsClient:
+        """Entitlements (lookups work without tokens; grants need an admin's)."""
+        return self._service(EntitlementsClient)
+
+    @property
     def metrics(self) -> MetricsClient:
         """Health and metrics (no credentials sent)."""
         return self._service(MetricsClient)
@@ -4513,6 +5044,11 @@ class AsyncSpapsClient:
     def whitelist(self) -> AsyncWhitelistClient:
         """The whitelist (``check`` works without tokens; the rest needs them)."""
         return self._wrap("whitelist", AsyncWhitelistClient)
+
+    @property
+    def entitlements(self) -> AsyncEntitlementsClient:
+        """Entitlements (lookups work without tokens; grants need an admin's)."""
+        return self._wrap("entitlements", AsyncEntitlementsClient)
 
     @property
     def metrics(self) -> AsyncMetricsClient:

@@ -28,6 +28,24 @@ def only(server: MockServer, method: str, path: str) -> RecordedRequest:
     return matches[0]
 
 
+def assert_healthy(document: Dict[str, Any]) -> None:
+    """SPAPS's raw /health body: the verdict is under ``data`` (compatibility.md S19)."""
+    assert document["success"] is True
+    assert document["data"]["status"] == "ok"
+    assert isinstance(document["data"]["version"], str)
+    assert isinstance(document["data"]["started_at"], str)
+
+
+def assert_ready(document: Dict[str, Any]) -> None:
+    """SPAPS's raw /health/ready body, every dependency reported connected."""
+    assert document["success"] is True
+    data = document["data"]
+    assert data["status"] == "ready"
+    assert set(data["checks"]) == {"database", "redis", "pii_encryption"}
+    assert all(check["status"] == "connected" for check in data["checks"].values())
+    assert isinstance(document["metadata"]["timestamp"], str)
+
+
 def assert_no_credentials(request: RecordedRequest) -> None:
     assert "x-api-key" not in request.headers
     assert "authorization" not in request.headers
@@ -37,8 +55,8 @@ def assert_no_credentials(request: RecordedRequest) -> None:
 
 def test_health_and_readiness(server: MockServer, signed_in: SpapsClient) -> None:
     # Signed in on purpose: the token must still not be sent to the metrics endpoints.
-    assert signed_in.metrics.health() == {"status": "healthy"}
-    assert signed_in.metrics.readiness() == {"ready": True}
+    assert_healthy(signed_in.metrics.health())
+    assert_ready(signed_in.metrics.readiness())
     assert_no_credentials(only(server, "GET", "/health"))
     assert_no_credentials(only(server, "GET", "/health/ready"))
 
@@ -57,17 +75,22 @@ def test_prometheus_text(server: MockServer, signed_in: SpapsClient) -> None:
 def test_metrics_json_is_the_whole_document(server: MockServer, signed_in: SpapsClient) -> None:
     document = signed_in.metrics.get_metrics_json()
     assert isinstance(document, dict)
-    assert "data" not in document
-    assert document["users"] == 1
-    assert document["active_sessions"] == 1
-    assert document["requests_by_route"]["POST /api/auth/login"] == 1
+    # The whole document, envelope included: nothing is unwrapped.
+    assert document["success"] is True
+    assert isinstance(document["metadata"]["timestamp"], str)
+    data = document["data"]
+    assert set(data) >= {"uptime_seconds", "requests_total", "errors_total", "version"}
+    # The sign-in made before is counted: these are the server's live numbers.
+    assert isinstance(data["requests_total"], int) and data["requests_total"] >= 1
+    assert data["errors_total"] == 0
+    assert isinstance(data["uptime_seconds"], (int, float)) and data["uptime_seconds"] >= 0
     request = only(server, "GET", "/api/metrics/json")
     assert_no_credentials(request)
     assert request.headers.get("accept") == "application/json"
 
 
 def test_metrics_need_no_sign_in(server: MockServer, client: SpapsClient) -> None:
-    assert client.metrics.health()["status"] == "healthy"
+    assert_healthy(client.metrics.health())
     assert_no_credentials(only(server, "GET", "/health"))
 
 
@@ -115,7 +138,7 @@ def test_health_error_carries_server_code(server: MockServer) -> None:
 def test_standalone_metrics_client(server: MockServer) -> None:
     with MetricsClient(base_url=server.url + "/") as metrics:
         assert metrics.base_url == server.url
-        assert metrics.readiness() == {"ready": True}
+        assert_ready(metrics.readiness())
     assert_no_credentials(only(server, "GET", "/health/ready"))
 
 
@@ -130,10 +153,11 @@ def test_async_metrics(server: MockServer) -> None:
             }
 
     out = asyncio.run(scenario())
-    assert out["health"] == {"status": "healthy"}
-    assert out["ready"] == {"ready": True}
-    assert "spaps_mock_uptime_seconds" in out["text"]
-    assert "requests_total" in out["json"]
+    assert_healthy(out["health"])
+    assert_ready(out["ready"])
+    assert "spaps_uptime_seconds" in out["text"]
+    assert 'spaps_info{version="1.0.0"}' in out["text"]
+    assert out["json"]["data"]["requests_total"] >= 3  # the three calls before it
     for path in ("/health", "/health/ready", "/api/metrics", "/api/metrics/json"):
         assert_no_credentials(only(server, "GET", path))
 
