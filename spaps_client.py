@@ -111,6 +111,7 @@ __all__ = [
     "SecureMessage", "SpapsWebhookPayload",
     # token storage
     "StoredTokens", "TokenStorage", "InMemoryTokenStorage", "FileTokenStorage",
+    "RedisTokenStorage", "TokenStorageError",
     # services
     "AuthClient", "SessionsClient", "PaymentsClient", "CryptoPaymentsClient", "UsageClient",
     "WhitelistClient", "SecureMessagesClient", "MetricsClient", "EntitlementsClient",
@@ -1150,9 +1151,13 @@ class RetryClient:
         ssl_context: Optional[ssl.SSLContext] = None,
         allow_insecure_http: bool = False,
         pool_maxsize: int = 64,
+        app_info: Optional[str] = None,
     ) -> None:
         if not timeout or timeout <= 0:
             raise ValueError("timeout must be a positive number of seconds")
+        if app_info is not None and (not app_info.strip() or not app_info.isprintable()):
+            raise ValueError("app_info must be printable text such as 'billing-worker/1.4'")
+        self.user_agent = f"{_USER_AGENT} {app_info.strip()}" if app_info else _USER_AGENT
         self.base_url = base_url.rstrip("/")
         if self.base_url:
             _Origin.parse(self.base_url)  # a bad URL fails here, not on the first call
@@ -1187,7 +1192,7 @@ class RetryClient:
         """Send one call (with its retries) and return the final response, body read."""
         if url.startswith("/"):
             url = self.base_url + url
-        all_headers = {"User-Agent": _USER_AGENT}
+        all_headers = {"User-Agent": self.user_agent}
         if headers:
             all_headers.update(headers)
         if idempotency_key:
@@ -2645,15 +2650,7 @@ class FileTokenStorage(TokenStorage):
         return f"FileTokenStorage(path={self.path!r})"
 
     def save(self, tokens: StoredTokens) -> None:
-        import json
-
-        document = {
-            "access_token": tokens.access_token,
-            "refresh_token": tokens.refresh_token,
-            "expires_at": tokens.expires_at.isoformat() if tokens.expires_at else None,
-            "token_type": tokens.token_type,
-        }
-        data = json.dumps(document, indent=2).encode("utf-8")
+        data = _encode_tokens(tokens)
         directory = os.path.dirname(self.path)
         with self._thread_lock:
             os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -2674,34 +2671,13 @@ class FileTokenStorage(TokenStorage):
             self._remove_temp_files(only_orphans=True)
 
     def load(self) -> Optional[StoredTokens]:
-        import json
-
         with self._thread_lock:
             try:
                 with open(self.path, "rb") as handle:
                     raw = handle.read()
             except OSError:  # missing, unreadable or not a file: no usable tokens
                 return None
-        try:
-            document = json.loads(raw)
-        except ValueError:
-            return None
-        if not isinstance(document, dict) or not isinstance(document.get("access_token"), str):
-            return None
-        expires_at: Optional[datetime] = None
-        if document.get("expires_at"):
-            try:
-                expires_at = _to_datetime(document["expires_at"])
-            except ValueError:
-                expires_at = None
-        refresh = document.get("refresh_token")
-        token_type = document.get("token_type")
-        return StoredTokens(
-            document["access_token"],
-            refresh if isinstance(refresh, str) else None,
-            expires_at,
-            token_type if isinstance(token_type, str) else None,
-        )
+        return _decode_tokens(raw)
 
     def clear(self) -> None:
         with self._thread_lock:
@@ -2800,6 +2776,147 @@ def _fsync_directory(directory: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _encode_tokens(tokens: StoredTokens) -> bytes:
+    """The JSON document file and Redis storages keep."""
+    import json
+
+    document = {
+        "access_token": tokens.access_token,
+        "refresh_token": tokens.refresh_token,
+        "expires_at": tokens.expires_at.isoformat() if tokens.expires_at else None,
+        "token_type": tokens.token_type,
+    }
+    return json.dumps(document, indent=2).encode("utf-8")
+
+
+def _decode_tokens(raw: Union[bytes, str]) -> Optional[StoredTokens]:
+    """Tokens from ``_encode_tokens``'s document; ``None`` for anything unusable."""
+    import json
+
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(document, dict) or not isinstance(document.get("access_token"), str):
+        return None
+    expires_at: Optional[datetime] = None
+    if document.get("expires_at"):
+        try:
+            expires_at = _to_datetime(document["expires_at"])
+        except ValueError:
+            expires_at = None
+    refresh = document.get("refresh_token")
+    token_type = document.get("token_type")
+    return StoredTokens(
+        document["access_token"],
+        refresh if isinstance(refresh, str) else None,
+        expires_at,
+        token_type if isinstance(token_type, str) else None,
+    )
+
+
+class TokenStorageError(SpapsError):
+    """The token storage could not be read or written (Redis down, a lock lost, ...)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code="TOKEN_STORAGE_FAILED", retryable=False)
+
+
+class RedisTokenStorage(TokenStorage):
+    """Tokens in Redis, shared by every process and host acting as one service identity.
+
+    ``client`` is any object with redis-py's interface (``redis.Redis`` or a
+    compatible client; this module does not import one). It must provide
+    ``get(name)``, ``set(name, value, nx=..., px=...)``, ``delete(name)`` and
+    ``eval(script, numkeys, *keys_and_args)``; values may come back as bytes or
+    text. The tokens live under ``key`` as one JSON value, so every save is atomic.
+
+    ``lock()`` is a fleet-wide lease on ``<key>:lock``: taken with ``SET NX PX``
+    under a random owner token and released by a script that deletes the key only
+    while it still holds that owner token. A holder that crashes blocks the fleet
+    for ``lock_timeout`` seconds at most; one slower than the lease can never
+    release a lock another host has taken since. Waiting for the lease gives up
+    with ``TokenStorageError`` after ``lock_wait`` seconds (default: the lease
+    time); any Redis failure is a ``TokenStorageError`` too, so a refresh never
+    happens without the lock. See docs/fleet.md.
+    """
+
+    _RELEASE = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
+                "return redis.call('del', KEYS[1]) else return 0 end")
+
+    def __init__(self, client: Any, *, key: str = "spaps:tokens", lock_timeout: float = 30.0,
+                 lock_wait: Optional[float] = None) -> None:
+        if lock_timeout <= 0:
+            raise ValueError("lock_timeout must be a positive number of seconds")
+        self.client = client
+        self.key = key
+        self.lock_timeout = float(lock_timeout)
+        self.lock_wait = float(lock_timeout if lock_wait is None else lock_wait)
+        self._thread_lock = _thread.RLock()
+
+    def __repr__(self) -> str:
+        return f"RedisTokenStorage(key={self.key!r})"
+
+    def save(self, tokens: StoredTokens) -> None:
+        self._redis("save tokens to", self.client.set, self.key, _encode_tokens(tokens))
+
+    def load(self) -> Optional[StoredTokens]:
+        raw = self._redis("read tokens from", self.client.get, self.key)
+        return None if raw is None else _decode_tokens(raw)
+
+    def clear(self) -> None:
+        self._redis("clear tokens in", self.client.delete, self.key)
+
+    def lock(self) -> AbstractContextManager[Any]:
+        return _RedisLease(self)
+
+    def _redis(self, what: str, command: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except Exception as exc:  # the client's own errors: we import no Redis library
+            raise TokenStorageError(
+                f"could not {what} Redis key {self.key!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+class _RedisLease:
+    """One holder's lease of a ``RedisTokenStorage`` lock (threads of a process queue
+    on a local lock first, so that only one of them polls Redis)."""
+
+    def __init__(self, storage: RedisTokenStorage) -> None:
+        self.storage = storage
+        self.owner = os.urandom(16).hex()
+
+    def __enter__(self) -> _RedisLease:
+        storage = self.storage
+        if not storage._thread_lock.acquire(timeout=storage.lock_wait):
+            raise TokenStorageError("timed out waiting for another thread's token refresh")
+        try:
+            deadline = time.monotonic() + storage.lock_wait
+            pause = 0.01
+            while not storage._redis("take the refresh lock on", storage.client.set,
+                                     storage.key + ":lock", self.owner, nx=True,
+                                     px=int(storage.lock_timeout * 1000)):
+                if time.monotonic() >= deadline:
+                    raise TokenStorageError(
+                        f"timed out after {storage.lock_wait:g} s waiting for the refresh "
+                        f"lock {storage.key + ':lock'!r} held by another process")
+                time.sleep(pause)
+                pause = min(pause * 2, 0.2)
+        except BaseException:
+            storage._thread_lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        storage = self.storage
+        try:
+            storage._redis("release the refresh lock on", storage.client.eval,
+                           RedisTokenStorage._RELEASE, 1, storage.key + ":lock", self.owner)
+        finally:
+            storage._thread_lock.release()
 
 
 def _tokens_from(access_token: str, refresh_token: Optional[str], expires_in: Optional[int],
@@ -4822,8 +4939,10 @@ class SpapsClient:
     given); ``sessions``, ``payments``, ``usage``, ``whitelist``,
     ``secure_messages`` and ``metrics`` use them. Access tokens are refreshed
     automatically shortly before they expire and once after a 401
-    (``auto_refresh=False`` turns this off). Use it as a context manager or
-    call ``close()``.
+    (``auto_refresh=False`` turns this off). ``app_info`` (e.g.
+    ``"billing-worker/1.4"``) is appended to the User-Agent, so SPAPS and its
+    logs can tell your services apart. Use it as a context manager or call
+    ``close()``.
     """
 
     def __init__(
@@ -4839,6 +4958,7 @@ class SpapsClient:
         ssl_context: Optional[ssl.SSLContext] = None,
         allow_insecure_http: bool = False,
         auto_refresh: bool = True,
+        app_info: Optional[str] = None,
     ) -> None:
         self.settings = Settings(base_url=base_url, api_key=api_key,
                                  request_timeout=request_timeout)
@@ -4849,13 +4969,14 @@ class SpapsClient:
             http = create_http_client(
                 settings=self.settings, retry_config=retry_config, logging_hooks=logging_hooks,
                 ssl_context=ssl_context, allow_insecure_http=allow_insecure_http,
+                app_info=app_info,
             )
         else:
             if (retry_config is not None or logging_hooks is not None
-                    or ssl_context is not None or allow_insecure_http):
-                raise ValueError("retry_config, logging_hooks, ssl_context and "
-                                 "allow_insecure_http belong to the http_client you pass; "
-                                 "configure them there")
+                    or ssl_context is not None or allow_insecure_http or app_info is not None):
+                raise ValueError("retry_config, logging_hooks, ssl_context, "
+                                 "allow_insecure_http and app_info belong to the http_client "
+                                 "you pass; configure them there")
             http = http_client
         self._owns_http = http_client is None
         self._http = http

@@ -1,8 +1,10 @@
 """Fault-injection tests of automatic token refresh (issue 4, "Sessions that survive expiry").
 
 Real HTTP over loopback against ``spaps_mock``: the server decides when tokens expire
-(``access_token_ttl``, ``expire_access_tokens()``) and rotates refresh tokens, so a second refresh
-with an already used refresh token fails exactly as SPAPS would.
+(``access_token_ttl``, ``expire_access_tokens()``, an injected ``clock``) and rotates refresh
+tokens as SPAPS 0.6.6 does: a spent refresh token sent again by the same client within 60 s gets
+the identical successor pair, later (or from another client) it is a 401 REFRESH_TOKEN_REPLAY.
+Single-flight is therefore proven by counting refresh requests, not by waiting for a failure.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+from conftest import grant_usage, user_id_of
 from loopback import client_factory
 
 from spaps_client import (
@@ -28,6 +32,7 @@ from spaps_client import (
     RetryConfig,
     SpapsClient,
     SpapsError,
+    SpapsTransportError,
     StoredTokens,
 )
 from spaps_mock import MockServer
@@ -37,9 +42,12 @@ DEMO_EMAIL = "demo@example.com"
 DEMO_PASSWORD = "demo-password"
 ROOT = Path(__file__).resolve().parent.parent
 
-BALANCE = "/api/payments/balance"
-CHECKOUT = "/api/payments/create-checkout-session"
+# An authenticated GET that SPAPS 0.6.6 implements (the 0.1.2 balance route is a 501 stub).
+CURRENT = "/api/sessions/current"
+CHECKOUT = "/api/stripe/checkout-sessions"
+USAGE = "/api/usage/record"
 REFRESH = "/api/auth/refresh"
+PRICE = "price_basic"
 
 
 def bearer_tokens(server: MockServer, method: str, path: str) -> list[str]:
@@ -66,6 +74,7 @@ def expire_in(client: SpapsClient, *, seconds: float) -> StoredTokens:
 
 @pytest.fixture
 def make_client(server: MockServer) -> Iterator[Callable[..., SpapsClient]]:
+    server.add_price(PRICE, unit_amount=500)
     with client_factory(server.url, API_KEY) as make:
         def make_fast(**kwargs: Any) -> SpapsClient:
             kwargs.setdefault("retry_config",
@@ -92,14 +101,14 @@ def test_token_about_to_expire_is_refreshed_before_the_call(
     old = snapshot(client.get_tokens())
     server.reset_stats()
 
-    balance = client.payments.get_balance()
+    session = client.sessions.get_current_session()
 
-    assert balance.balance.currency == "USD"
+    assert session.user_id == user_id_of(client)
     assert server.request_count("POST", REFRESH) == 1
-    assert server.request_count("GET", BALANCE) == 1  # no 401 round trip
+    assert server.request_count("GET", CURRENT) == 1  # no 401 round trip
     new = snapshot(client.get_tokens())
     assert new[0] != old[0] and new[1] != old[1]
-    assert bearer_tokens(server, "GET", BALANCE) == [new[0]]
+    assert bearer_tokens(server, "GET", CURRENT) == [new[0]]
 
 
 def test_refresh_before_expiry_uses_the_stored_expiry(
@@ -125,15 +134,15 @@ def test_token_far_from_expiry_is_not_refreshed(
     server.reset_stats()
 
     for _ in range(3):
-        client.payments.get_balance()
+        client.sessions.get_current_session()
 
     assert server.request_count("POST", REFRESH) == 0
 
 
 @pytest.mark.parametrize("method, path, call", [
-    ("GET", BALANCE, lambda client: client.payments.get_balance()),
+    ("GET", CURRENT, lambda client: client.sessions.get_current_session()),
     ("POST", CHECKOUT, lambda client: client.payments.create_checkout_session(
-        price_id="price_basic", mode="payment", success_url="https://a.example/ok",
+        price_id=PRICE, mode="payment", success_url="https://a.example/ok",
         cancel_url="https://a.example/no")),
 ], ids=["GET", "POST"])
 def test_401_triggers_one_refresh_and_one_retry(
@@ -156,15 +165,27 @@ def test_401_triggers_one_refresh_and_one_retry(
 def test_replay_after_401_keeps_the_idempotency_key(
     server: MockServer, make_client: Callable[..., SpapsClient]
 ) -> None:
+    """The record itself meets the expired token (it was authorized before), is refreshed and
+    replayed with the same key and body, and counted once."""
     client = make_client()
+    grant_usage(server, user_id_of(client))
+    authorization = client.usage.authorize_usage(feature_key="api_calls",
+                                                 dimensions={"requests": 2})
     server.expire_access_tokens()
     server.reset_stats()
 
-    client.usage.record_usage(feature="api_calls", quantity=2, idempotency_key="after-401")
+    result = client.usage.record_usage(
+        feature="api_calls", dimensions={"requests": 2}, idempotency_key="after-401",
+        authorization_ref=authorization.authorization_ref)
 
-    sent = [r for r in server.requests if r.path == "/api/usage/record"]
+    sent = [r for r in server.requests if r.path == USAGE]
     assert [r.headers.get("x-idempotency-key") for r in sent] == ["after-401", "after-401"]
     assert sent[0].body == sent[1].body
+    assert sent[0].json["idempotency_key"] == "after-401"
+    assert server.request_count("POST", REFRESH) == 1
+    assert result.replayed is False
+    events = client.usage.get_history(feature="api_calls").events
+    assert [event.dimensions for event in events] == [{"requests": 2.0}]
 
 
 def test_401_after_refresh_is_not_retried_again(
@@ -173,16 +194,16 @@ def test_401_after_refresh_is_not_retried_again(
     """A second 401 (e.g. the session was revoked) is reported, not looped on."""
     client = make_client()
     server.expire_access_tokens()
-    server.inject("GET", BALANCE, {"status": 401, "code": "INVALID_TOKEN"},
+    server.inject("GET", CURRENT, {"status": 401, "code": "INVALID_TOKEN"},
                   {"status": 401, "code": "INVALID_TOKEN"})
     server.reset_stats()
 
     with pytest.raises(SpapsError) as caught:
-        client.payments.get_balance()
+        client.sessions.get_current_session()
 
     assert caught.value.status_code == 401
     assert server.request_count("POST", REFRESH) == 1
-    assert server.request_count("GET", BALANCE) == 2
+    assert server.request_count("GET", CURRENT) == 2
 
 
 def test_failed_refresh_raises_auth_error_and_keeps_the_tokens(
@@ -191,18 +212,18 @@ def test_failed_refresh_raises_auth_error_and_keeps_the_tokens(
     client = make_client()
     before = snapshot(client.get_tokens())
     server.expire_access_tokens()
-    server.inject("POST", REFRESH, {"status": 401, "code": "INVALID_REFRESH",
+    server.inject("POST", REFRESH, {"status": 401, "code": "INVALID_REFRESH_TOKEN",
                                     "message": "Refresh token is invalid"})
     server.reset_stats()
 
     with pytest.raises(AuthError) as caught:
-        client.payments.get_balance()
+        client.sessions.get_current_session()
 
-    assert caught.value.error_code == "INVALID_REFRESH"
+    assert caught.value.error_code == "INVALID_REFRESH_TOKEN"
     assert caught.value.status_code == 401
     assert snapshot(client.get_tokens()) == before
     assert server.request_count("POST", REFRESH) == 1
-    assert server.request_count("GET", BALANCE) == 1
+    assert server.request_count("GET", CURRENT) == 1
 
 
 def test_failed_refresh_of_an_expired_token_raises_and_keeps_the_tokens(
@@ -212,12 +233,12 @@ def test_failed_refresh_of_an_expired_token_raises_and_keeps_the_tokens(
     client = make_client()
     expire_in(client, seconds=-5)
     before = snapshot(client.get_tokens())
-    server.inject("POST", REFRESH, {"status": 401, "code": "INVALID_REFRESH"})
+    server.inject("POST", REFRESH, {"status": 401, "code": "INVALID_REFRESH_TOKEN"})
 
     with pytest.raises(AuthError) as caught:
-        client.payments.get_balance()
+        client.sessions.get_current_session()
 
-    assert caught.value.error_code == "INVALID_REFRESH"
+    assert caught.value.error_code == "INVALID_REFRESH_TOKEN"
     assert snapshot(client.get_tokens()) == before
 
 
@@ -225,13 +246,108 @@ def test_failed_early_refresh_falls_back_to_the_still_valid_token(
     server: MockServer, make_client: Callable[..., SpapsClient]
 ) -> None:
     """Refreshing early is an optimisation: if it fails, a token that still works is used."""
-    server.access_token_ttl = 10
     client = make_client()
+    expire_in(client, seconds=5)  # inside the margin, still valid at the server for an hour
     before = snapshot(client.get_tokens())
     server.inject("POST", REFRESH, {"status": 500})
+    server.reset_stats()
 
-    assert client.payments.get_balance().balance.currency == "USD"
+    assert client.sessions.get_current_session().user_id == user_id_of(client)
     assert snapshot(client.get_tokens()) == before
+    assert server.request_count("POST", REFRESH) == 1  # the early refresh was tried
+    assert bearer_tokens(server, "GET", CURRENT) == [before[0]]
+
+
+# --- the server's rotation rules --------------------------------------------------------------
+
+
+class FakeClock:
+    """A ``time.time`` for the emulator that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clocked() -> Iterator[tuple[MockServer, FakeClock]]:
+    clock = FakeClock()
+    with MockServer(clock=clock) as mock:
+        yield mock, clock
+
+
+def test_refresh_whose_answer_was_lost_is_recovered_by_the_same_client(
+    clocked: tuple[MockServer, FakeClock]
+) -> None:
+    """The server spent the refresh token but the answer never arrived; within 60 s the same
+    client sending it again gets the identical successor pair, so the session survives."""
+    server, clock = clocked
+    with client_factory(server.url, API_KEY) as make:
+        client = make(retry_config=RetryConfig(backoff_factor=0.01, max_backoff=0.05))
+        before = snapshot(client.get_tokens())
+        server.expire_access_tokens()
+        server.inject("POST", REFRESH, {"drop": "after_process"})
+
+        with pytest.raises(SpapsTransportError):
+            client.sessions.get_current_session()
+        assert snapshot(client.get_tokens()) == before  # nothing arrived, nothing stored
+
+        clock.advance(30)
+        session = client.sessions.get_current_session()
+
+    assert session.user_id == user_id_of(client)
+    sent = [r.json["refresh_token"] for r in server.requests if r.path == REFRESH]
+    assert sent == [before[1], before[1]]
+    after = snapshot(client.get_tokens())
+    assert after[0] != before[0] and after[1] != before[1]
+    assert bearer_tokens(server, "GET", CURRENT)[-1] == after[0]
+
+
+def test_refresh_token_reused_after_the_grace_is_a_replay(
+    clocked: tuple[MockServer, FakeClock]
+) -> None:
+    """After 60 s the spent refresh token is a replay: AuthError REFRESH_TOKEN_REPLAY, the
+    stored tokens are kept (not overwritten by a failure) and no refresh loop follows."""
+    server, clock = clocked
+    with client_factory(server.url, API_KEY) as make:
+        client = make(retry_config=RetryConfig(backoff_factor=0.01, max_backoff=0.05))
+        before = snapshot(client.get_tokens())
+        server.expire_access_tokens()
+        server.inject("POST", REFRESH, {"drop": "after_process"})
+        with pytest.raises(SpapsTransportError):
+            client.sessions.get_current_session()
+
+        clock.advance(61)
+        server.reset_stats()
+        with pytest.raises(AuthError) as caught:
+            client.sessions.get_current_session()
+
+    assert caught.value.status_code == 401
+    assert caught.value.error_code == "REFRESH_TOKEN_REPLAY"
+    assert snapshot(client.get_tokens()) == before
+    assert server.request_count("POST", REFRESH) == 1
+    assert server.request_count("GET", CURRENT) == 1
+
+
+def test_refresh_reply_without_user_is_stored(
+    server: MockServer, make_client: Callable[..., SpapsClient]
+) -> None:
+    """SPAPS answers a refresh without ``user``; the rotated pair is stored all the same."""
+    client = make_client()
+    before = snapshot(client.get_tokens())
+
+    pair = client.auth.refresh_tokens(refresh_token=before[1])
+
+    assert pair.user is None
+    assert server.request_count("POST", REFRESH) == 1
+    after = snapshot(client.get_tokens())
+    assert (after[0], after[1]) == (pair.access_token, pair.refresh_token)
+    assert after[1] != before[1]
 
 
 # --- single-flight ----------------------------------------------------------------------------
@@ -265,7 +381,7 @@ def test_fifty_threads_hitting_an_expired_token_refresh_once(
     for round_number in range(1, 3):
         server.expire_access_tokens()
 
-        errors = run_in_threads(50, client.payments.get_balance)
+        errors = run_in_threads(50, client.sessions.get_current_session)
 
         assert errors == []
         assert server.request_count("POST", REFRESH) == round_number
@@ -278,7 +394,7 @@ def test_fifty_threads_near_expiry_refresh_once(
     client = make_client()
     expire_in(client, seconds=5)
 
-    errors = run_in_threads(50, client.payments.get_balance)
+    errors = run_in_threads(50, client.sessions.get_current_session)
 
     assert errors == []
     assert server.request_count("POST", REFRESH) == 1
@@ -292,9 +408,9 @@ def test_fifty_async_tasks_hitting_an_expired_token_refresh_once(server: MockSer
         ) as client:
             await client.auth.sign_in_with_password(email=DEMO_EMAIL, password=DEMO_PASSWORD)
             server.expire_access_tokens()
-            return await asyncio.gather(
-                *(client.payments.get_balance() for _ in range(50)), return_exceptions=True
-            )
+            return list(await asyncio.gather(
+                *(client.sessions.get_current_session() for _ in range(50)), return_exceptions=True
+            ))
 
     results = asyncio.run(scenario())
 
@@ -314,7 +430,7 @@ def test_clients_sharing_a_token_file_do_not_refresh_short_lived_tokens_in_turn(
         clients[0].auth.sign_in_with_password(email=DEMO_EMAIL, password=DEMO_PASSWORD)
         server.reset_stats()
         for turn in range(6):
-            clients[turn % 2].payments.get_balance()
+            clients[turn % 2].sessions.get_current_session()
     finally:
         for client in clients:
             client.close()
@@ -340,7 +456,7 @@ for line in sys.stdin:
         break
     for _ in range(calls):
         try:
-            client.payments.get_balance()
+            client.sessions.get_current_session()
         except SpapsError as exc:
             failures.append(f"{type(exc).__name__} {exc.status_code} {exc.error_code}: {exc}")
     print("done", flush=True)
@@ -414,9 +530,9 @@ def test_processes_sharing_a_token_file_refresh_once_per_expiry(
                 worker.proc.wait()
     assert [report["failures"] for report in reports] == [[]] * 4
     assert codes == [0] * 4
-    assert server.request_count("GET", BALANCE) >= 4 * 5 * 3
+    assert server.request_count("GET", CURRENT) >= 4 * 5 * 3
     # The file ends up holding the latest pair, which still works without another refresh.
     with SpapsClient(base_url=server.url, api_key=API_KEY,
                      token_storage=FileTokenStorage(path=token_file)) as after:
-        after.payments.get_balance()
+        after.sessions.get_current_session()
     assert server.request_count("POST", REFRESH) == 3

@@ -7,36 +7,46 @@ Delays are kept tiny (``backoff_factor=0.01``) except where a test proves that a
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import urllib.request
+import uuid
 from email.utils import formatdate
 from typing import Any, Callable, Iterator
 
 import pytest
+from conftest import grant_usage, user_id_of
 from loopback import client_factory, closed_port, timed_call
 
 from spaps_client import (
     LoggingHooks,
     PaymentsError,
     RetryConfig,
+    SessionError,
     SpapsClient,
     SpapsError,
     SpapsTimeoutError,
     SpapsTransportError,
 )
-from spaps_mock import MockServer
+from spaps_mock import ADMIN_EMAIL, ADMIN_PASSWORD, ADMIN_USER_ID, MockServer
 
 API_KEY = "test_key_for_tests"
 DEMO_EMAIL = "demo@example.com"
 DEMO_PASSWORD = "demo-password"
 
-BALANCE = "/api/payments/balance"
-CHECKOUT = "/api/payments/create-checkout-session"
+# An authenticated GET that SPAPS 0.6.6 implements (the 0.1.2 balance route is a 501 stub).
+CURRENT = "/api/sessions/current"
+CHECKOUT = "/api/stripe/checkout-sessions"
+INVOICE = "/api/payments/crypto/invoices"
+MESSAGES = "/api/secure-messages"
+WHITELIST = "/api/v1/whitelist"
 INTENT = "/api/payments/create-payment-intent"
 DEPOSIT = "/api/payments/wallet-deposit"
 USAGE = "/api/usage/record"
 REFRESH = "/api/auth/refresh"
 LOGIN = "/api/auth/login"
+PRICE = "price_basic_monthly"
 
 
 def fast(**overrides: Any) -> RetryConfig:
@@ -86,16 +96,55 @@ def log() -> HookLog:
     return HookLog()
 
 
+def add_members(server: MockServer, *emails: str) -> None:
+    """Make ``emails`` members of the application, as an admin does (secure messages need it)."""
+    with SpapsClient(base_url=server.url, api_key=API_KEY) as spaps:
+        spaps.auth.sign_in_with_password(email=ADMIN_EMAIL, password=ADMIN_PASSWORD)
+        tokens = spaps.get_tokens()
+        assert tokens is not None
+        for email in emails:
+            request = urllib.request.Request(
+                server.url + "/api/users/memberships", data=json.dumps({"email": email}).encode(),
+                method="POST", headers={"X-API-Key": API_KEY, "Content-Type": "application/json",
+                                        "Authorization": "Bearer " + tokens.access_token})
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                assert answer.status in (200, 201)
+
+
 @pytest.fixture
 def make_client(server: MockServer) -> Iterator[Callable[..., SpapsClient]]:
-    """Build signed-in clients against ``server`` (closed at teardown)."""
+    """Build clients signed in as the demo user (``admin=True``: as the admin) against
+    ``server``, closed at teardown.
+
+    The server is set up so that every call used here can succeed: a seeded price for
+    checkout, an ``api_calls`` entitlement for the demo user and application memberships of
+    the demo user and the admin for secure messages.
+    """
+    server.add_price(PRICE, unit_amount=1999)
+    add_members(server, DEMO_EMAIL, ADMIN_EMAIL)
+    granted: list[str] = []
     with client_factory(server.url, API_KEY) as make:
-        yield make
+        def make_ready(*, admin: bool = False, **kwargs: Any) -> SpapsClient:
+            if admin:
+                client = make(sign_in=False, **kwargs)
+                client.auth.sign_in_with_password(email=ADMIN_EMAIL, password=ADMIN_PASSWORD)
+                return client
+            client = make(**kwargs)
+            if kwargs.get("sign_in", True) and not granted:
+                grant_usage(server, user_id_of(client))
+                granted.append(user_id_of(client))
+            return client
+
+        yield make_ready
+
+
+def current(client: SpapsClient) -> Any:
+    return client.sessions.get_current_session()
 
 
 def checkout(client: SpapsClient, **kwargs: Any) -> Any:
     return client.payments.create_checkout_session(
-        price_id="price_basic_monthly", mode="payment", success_url="https://shop.example/ok",
+        price_id=PRICE, mode="payment", success_url="https://shop.example/ok",
         cancel_url="https://shop.example/cancel", **kwargs,
     )
 
@@ -111,6 +160,22 @@ def intent(client: SpapsClient, **kwargs: Any) -> Any:
     return client.payments.create_payment_intent(amount=1999, currency="usd", **kwargs)
 
 
+def invoice(client: SpapsClient, **kwargs: Any) -> Any:
+    return client.payments.crypto.create_invoice(asset="USDC", network="base", amount="12.50",
+                                                 **kwargs)
+
+
+def message(client: SpapsClient, **kwargs: Any) -> Any:
+    """A message from the signed-in demo user to the admin (both application members)."""
+    return client.secure_messages.create_message(
+        patient_id=user_id_of(client), practitioner_id=ADMIN_USER_ID, content="hello", **kwargs)
+
+
+def whitelist_add(client: SpapsClient, **kwargs: Any) -> Any:
+    return client.whitelist.add(email=f"w{uuid.uuid4().hex[:12]}@example.com", tier="basic",
+                                **kwargs)
+
+
 def usage(client: SpapsClient, **kwargs: Any) -> Any:
     return client.usage.record_usage(feature="api_calls", quantity=7, **kwargs)
 
@@ -122,19 +187,29 @@ def refresh(client: SpapsClient, **kwargs: Any) -> Any:
 
 
 def api_calls_used(client: SpapsClient) -> float:
-    features = client.usage.get_features().features
-    return next(feature.used for feature in features if feature.name == "api_calls") or 0.0
+    """What the server has counted for the signed-in user's ``api_calls`` (its usage events)."""
+    events = client.usage.get_history(feature="api_calls", limit=1000).events
+    return sum(float(event.dimensions.get("requests", 0)) for event in events)
 
 
-# Non-idempotent POSTs: (id, path, call)
+# POSTs sent without an idempotency key: (id, path, call, as the admin).
+# record_usage is not among them: it always sends one (generated when not given).
 POSTS = [
+    ("checkout", CHECKOUT, checkout, False),
+    ("crypto_invoice", INVOICE, invoice, False),
+    ("secure_message", MESSAGES, message, False),
+    ("whitelist_add", WHITELIST, whitelist_add, True),
+    ("wallet_deposit", DEPOSIT, deposit, False),
+    ("payment_intent", INTENT, intent, False),
+    ("refresh", REFRESH, refresh, False),
+]
+# POSTs that accept idempotency_key= and succeed on SPAPS 0.6.6: (id, path, call).
+KEYED_POSTS = [
     ("checkout", CHECKOUT, checkout),
-    ("wallet_deposit", DEPOSIT, deposit),
-    ("payment_intent", INTENT, intent),
-    ("refresh", REFRESH, refresh),
+    ("crypto_invoice", INVOICE, invoice),
+    ("secure_message", MESSAGES, message),
     ("usage_record", USAGE, usage),
 ]
-KEYED_POSTS = [post for post in POSTS if post[0] != "refresh"]
 
 
 # --- on by default --------------------------------------------------------------------------
@@ -143,12 +218,12 @@ KEYED_POSTS = [post for post in POSTS if post[0] != "refresh"]
 def test_retries_are_on_by_default(server: MockServer, signed_in: SpapsClient) -> None:
     """A client built without retry_config rides out two 503s on a GET."""
     assert signed_in.http_client.retry_config == RetryConfig()
-    server.inject("GET", BALANCE, {"status": 503}, {"status": 503})
+    server.inject("GET", CURRENT, {"status": 503}, {"status": 503})
 
-    balance = signed_in.payments.get_balance()
+    session = signed_in.sessions.get_current_session()
 
-    assert balance.balance.currency == "USD"
-    assert server.request_count("GET", BALANCE) == 3
+    assert session.user_id == user_id_of(signed_in)
+    assert server.request_count("GET", CURRENT) == 3
 
 
 def test_default_retry_config_is_applied_even_without_arguments(client: SpapsClient) -> None:
@@ -163,10 +238,10 @@ def test_transport_failure_on_get_is_retried_by_default(
     server: MockServer, signed_in: SpapsClient
 ) -> None:
     """A GET whose connection dies before the answer is sent again (default config)."""
-    server.inject("GET", BALANCE, {"drop": "after_read"})
+    server.inject("GET", CURRENT, {"drop": "after_read"})
 
-    assert signed_in.payments.get_balance().balance.currency == "USD"
-    assert server.request_count("GET", BALANCE) == 2
+    assert signed_in.sessions.get_current_session().user_id == user_id_of(signed_in)
+    assert server.request_count("GET", CURRENT) == 2
 
 
 # --- Retry-After -----------------------------------------------------------------------------
@@ -176,14 +251,14 @@ def test_retry_after_seconds_is_honoured(
     server: MockServer, make_client: Callable[..., SpapsClient], log: HookLog
 ) -> None:
     client = make_client(retry_config=fast(), logging_hooks=log.hooks)
-    server.inject("GET", BALANCE, {"status": 503, "retry_after": "1"})
+    server.inject("GET", CURRENT, {"status": 503, "retry_after": "1"})
 
     started = time.monotonic()
-    client.payments.get_balance()
+    client.sessions.get_current_session()
     elapsed = time.monotonic() - started
 
     assert elapsed >= 0.9, f"retried after {elapsed:.3f}s although the server said 1 s"
-    assert server.request_count("GET", BALANCE) == 2
+    assert server.request_count("GET", CURRENT) == 2
     assert [delay for _, delay, _ in log.of("backoff")][-1] >= 0.9
 
 
@@ -192,24 +267,24 @@ def test_retry_after_http_date_is_honoured(
 ) -> None:
     client = make_client(retry_config=fast())
     # HTTP-dates have one-second resolution: "now + 2 s" lies between 1 and 2 s ahead.
-    server.inject("GET", BALANCE, {"status": 503,
+    server.inject("GET", CURRENT, {"status": 503,
                                    "retry_after": formatdate(time.time() + 2, usegmt=True)})
 
     started = time.monotonic()
-    client.payments.get_balance()
+    client.sessions.get_current_session()
     elapsed = time.monotonic() - started
 
     assert elapsed >= 0.9, f"retried after {elapsed:.3f}s although the server said ~2 s"
-    assert server.request_count("GET", BALANCE) == 2
+    assert server.request_count("GET", CURRENT) == 2
 
 
-@pytest.mark.parametrize("method, path, call", [
-    ("GET", BALANCE, lambda client: client.payments.get_balance()),
-    ("POST", CHECKOUT, checkout),
+@pytest.mark.parametrize("method, path, call, error", [
+    ("GET", CURRENT, current, SessionError),
+    ("POST", CHECKOUT, checkout, PaymentsError),
 ], ids=["get-503", "post-429"])
 def test_retry_after_above_the_cap_fails_fast_with_retry_after(
     server: MockServer, make_client: Callable[..., SpapsClient], log: HookLog,
-    method: str, path: str, call: Callable[[SpapsClient], Any],
+    method: str, path: str, call: Callable[[SpapsClient], Any], error: type[SpapsError],
 ) -> None:
     client = make_client(retry_config=fast(max_retry_after=5.0), logging_hooks=log.hooks)
     status = 503 if method == "GET" else 429
@@ -217,12 +292,14 @@ def test_retry_after_above_the_cap_fails_fast_with_retry_after(
     log.clear()
 
     started = time.monotonic()
-    with pytest.raises(PaymentsError) as caught:
+    with pytest.raises(error) as caught:
         call(client)
     elapsed = time.monotonic() - started
 
     assert elapsed < 2.0
     assert caught.value.status_code == status
+    if status == 429:
+        assert caught.value.error_code == "RATE_LIMIT_EXCEEDED"
     assert caught.value.retry_after == pytest.approx(3600, abs=1)
     assert caught.value.retryable is True
     assert server.request_count(method, path) == 1
@@ -234,15 +311,15 @@ def test_retry_after_beyond_the_call_deadline_fails_fast(
 ) -> None:
     """A wait the server asks for that the caller's budget cannot afford is not slept."""
     client = make_client(retry_config=fast(), request_timeout=1.0)
-    server.inject("GET", BALANCE, {"status": 503, "retry_after": "20"})
+    server.inject("GET", CURRENT, {"status": 503, "retry_after": "20"})
 
     started = time.monotonic()
-    with pytest.raises(PaymentsError) as caught:
-        client.payments.get_balance()
+    with pytest.raises(SessionError) as caught:
+        client.sessions.get_current_session()
 
     assert time.monotonic() - started < 2.0
     assert caught.value.retry_after == pytest.approx(20, abs=1)
-    assert server.request_count("GET", BALANCE) == 1
+    assert server.request_count("GET", CURRENT) == 1
 
 
 # --- deadline, back-off cap, quota ------------------------------------------------------------
@@ -256,15 +333,15 @@ def test_retries_never_exceed_the_call_deadline(
     server: MockServer, make_client: Callable[..., SpapsClient], fault: dict[str, Any]
 ) -> None:
     client = make_client(retry_config=fast(max_attempts=20), request_timeout=1.0)
-    server.inject("GET", BALANCE, *([fault] * 20))
+    server.inject("GET", CURRENT, *([fault] * 20))
 
     started = time.monotonic()
     with pytest.raises(SpapsError):
-        client.payments.get_balance()
+        client.sessions.get_current_session()
     elapsed = time.monotonic() - started
 
     assert elapsed < 1.6, f"a call with a 1 s budget took {elapsed:.2f}s"
-    assert 2 <= server.request_count("GET", BALANCE) <= 4
+    assert 2 <= server.request_count("GET", CURRENT) <= 4
 
 
 def test_refresh_and_retry_after_401_stay_within_the_call_budget(
@@ -273,11 +350,11 @@ def test_refresh_and_retry_after_401_stay_within_the_call_budget(
     """The 401, the refresh and the replay are one call: together they get one budget."""
     client = make_client(retry_config=fast(), request_timeout=1.0)
     server.expire_access_tokens()
-    server.inject("GET", BALANCE, {"delay": 0.45, "passthrough": True},
+    server.inject("GET", CURRENT, {"delay": 0.45, "passthrough": True},
                   {"delay": 0.45, "passthrough": True})
     server.inject("POST", REFRESH, {"delay": 0.45, "passthrough": True})
 
-    elapsed, outcome = timed_call(client.payments.get_balance)
+    elapsed, outcome = timed_call(client.sessions.get_current_session)
 
     assert elapsed < 1.25, f"a call with a 1 s budget took {elapsed:.2f}s ({outcome})"
     assert outcome != "returned"  # 1.35 s of server time cannot fit: the call must fail
@@ -287,11 +364,11 @@ def test_read_timeout_on_get_respects_the_budget(
     server: MockServer, make_client: Callable[..., SpapsClient]
 ) -> None:
     client = make_client(retry_config=fast(), request_timeout=0.5)
-    server.inject("GET", BALANCE, {"delay": 1.2})
+    server.inject("GET", CURRENT, {"delay": 1.2})
 
     started = time.monotonic()
     with pytest.raises(SpapsTimeoutError) as caught:
-        client.payments.get_balance()
+        client.sessions.get_current_session()
 
     assert time.monotonic() - started < 1.1
     assert caught.value.status_code is None
@@ -302,16 +379,16 @@ def test_max_backoff_caps_every_backoff(
 ) -> None:
     config = RetryConfig(max_attempts=3, backoff_factor=120.0, max_backoff=0.05, jitter=False)
     client = make_client(retry_config=config, logging_hooks=log.hooks)
-    server.inject("GET", BALANCE, {"drop": "after_read"}, {"drop": "after_read"})
+    server.inject("GET", CURRENT, {"drop": "after_read"}, {"drop": "after_read"})
     log.clear()
 
     started = time.monotonic()
-    client.payments.get_balance()
+    client.sessions.get_current_session()
 
     assert time.monotonic() - started < 2.0
     delays = [delay for _, delay, _ in log.of("backoff")]
     assert len(delays) == 2 and all(0 < delay <= 0.05 for delay in delays), delays
-    assert server.request_count("GET", BALANCE) == 3
+    assert server.request_count("GET", CURRENT) == 3
 
 
 def test_retry_quota_stops_a_retry_storm_against_a_dead_endpoint(
@@ -320,15 +397,15 @@ def test_retry_quota_stops_a_retry_storm_against_a_dead_endpoint(
     # 5 units per retry: a quota of 10 pays for exactly two retries across all calls.
     client = make_client(retry_config=fast(max_attempts=5, retry_quota=10),
                          logging_hooks=log.hooks)
-    server.inject("GET", BALANCE, *([{"drop": "after_read"}] * 40))
+    server.inject("GET", CURRENT, *([{"drop": "after_read"}] * 40))
     log.clear()
 
     calls = 6
     for _ in range(calls):
         with pytest.raises(SpapsTransportError):
-            client.payments.get_balance()
+            client.sessions.get_current_session()
 
-    assert server.request_count("GET", BALANCE) == calls + 2
+    assert server.request_count("GET", CURRENT) == calls + 2
     reasons = [reason for _, reason, _ in log.of("give_up")]
     assert reasons.count("retry quota exhausted") == calls
 
@@ -339,19 +416,19 @@ def test_retry_quota_refills_after_successes(
     """As in botocore's standard mode, successful calls pay the bucket back, so a client
     that recovered from an outage can retry again (one unit per plain success)."""
     client = make_client(retry_config=fast(max_attempts=3, retry_quota=10))
-    server.inject("GET", BALANCE, *([{"drop": "after_read"}] * 3))
+    server.inject("GET", CURRENT, *([{"drop": "after_read"}] * 3))
     with pytest.raises(SpapsTransportError):
-        client.payments.get_balance()  # two retries: the bucket is empty
-    assert server.request_count("GET", BALANCE) == 3
+        client.sessions.get_current_session()  # two retries: the bucket is empty
+    assert server.request_count("GET", CURRENT) == 3
 
     for _ in range(5):  # five plain successes: five units back
-        client.payments.get_balance()
+        client.sessions.get_current_session()
     server.reset_stats()
-    server.inject("GET", BALANCE, *([{"drop": "after_read"}] * 3))
+    server.inject("GET", CURRENT, *([{"drop": "after_read"}] * 3))
     with pytest.raises(SpapsTransportError):
-        client.payments.get_balance()
+        client.sessions.get_current_session()
 
-    assert server.request_count("GET", BALANCE) == 2  # exactly one retry was affordable
+    assert server.request_count("GET", CURRENT) == 2  # exactly one retry was affordable
 
 
 def test_retry_quota_also_bounds_connection_refused_retries(log: HookLog) -> None:
@@ -361,7 +438,7 @@ def test_retry_quota_also_bounds_connection_refused_retries(log: HookLog) -> Non
         client.set_tokens(access_token="at_x", refresh_token="rt_x", expires_in=3600)
         for _ in range(5):
             with pytest.raises(SpapsTransportError):
-                client.payments.get_balance()
+                client.sessions.get_current_session()
 
     # One retry (5 units) for the whole client, then every call is tried exactly once.
     assert len(log.of("error")) == 5 + 1
@@ -379,13 +456,13 @@ def test_retry_quota_also_bounds_connection_refused_retries(log: HookLog) -> Non
     pytest.param({"drop": "before_read"}, id="reset-before-reading"),
     pytest.param({"delay": 0.5}, id="read-timeout"),
 ])
-@pytest.mark.parametrize("name, path, call", POSTS, ids=[post[0] for post in POSTS])
+@pytest.mark.parametrize("name, path, call, as_admin", POSTS, ids=[post[0] for post in POSTS])
 def test_post_without_idempotency_key_is_sent_exactly_once(
     server: MockServer, make_client: Callable[..., SpapsClient], log: HookLog,
-    name: str, path: str, call: Callable[..., Any], fault: dict[str, Any],
+    name: str, path: str, call: Callable[..., Any], as_admin: bool, fault: dict[str, Any],
 ) -> None:
     client = make_client(retry_config=fast(max_attempts=5), logging_hooks=log.hooks,
-                         request_timeout=0.25 if "delay" in fault else 5.0)
+                         request_timeout=0.25 if "delay" in fault else 5.0, admin=as_admin)
     server.inject("POST", path, fault)
     log.clear()
 
@@ -394,6 +471,9 @@ def test_post_without_idempotency_key_is_sent_exactly_once(
 
     assert server.request_count("POST", path) == 1
     assert not log.of("retry")
+    sent = [r for r in server.requests if r.method == "POST" and r.path == path]
+    assert "x-idempotency-key" not in sent[0].headers
+    assert "idempotency-key" not in sent[0].headers
     if "status" in fault:
         assert caught.value.status_code == 500
         assert not isinstance(caught.value, SpapsTransportError)
@@ -407,15 +487,40 @@ def test_post_without_idempotency_key_is_sent_exactly_once(
 def test_usage_recorded_once_when_the_answer_is_lost(
     server: MockServer, make_client: Callable[..., SpapsClient]
 ) -> None:
+    """record_usage without idempotency_key= still sends one (generated): the attempt whose
+    answer was lost is replayed with the same key, and SPAPS counts the use once."""
     client = make_client(retry_config=fast(max_attempts=5))
     before = api_calls_used(client)
     server.inject("POST", USAGE, {"drop": "after_process"})
+    server.reset_stats()
 
-    with pytest.raises(SpapsTransportError):
-        usage(client)
+    result = usage(client)
 
+    sent = [r for r in server.requests if r.method == "POST" and r.path == USAGE]
+    assert len(sent) == 2
+    keys = [r.json["idempotency_key"] for r in sent]
+    assert keys[0] and keys[0] == keys[1]
+    assert [r.headers.get("x-idempotency-key") for r in sent] == keys
+    assert sent[0].body == sent[1].body
+    assert result.replayed is True and result.idempotency_key == keys[0]
     assert api_calls_used(client) == before + 7
-    assert server.request_count("POST", USAGE) == 1
+
+
+def test_each_record_usage_call_gets_its_own_generated_key(
+    server: MockServer, make_client: Callable[..., SpapsClient]
+) -> None:
+    """The generated key belongs to one call: two calls are two uses, not one replayed."""
+    client = make_client(retry_config=fast())
+    before = api_calls_used(client)
+    server.reset_stats()
+
+    first, second = usage(client), usage(client)
+
+    keys = [r.json["idempotency_key"] for r in server.requests
+            if r.method == "POST" and r.path == USAGE]
+    assert len(keys) == 2 and keys[0] != keys[1]
+    assert not first.replayed and not second.replayed
+    assert api_calls_used(client) == before + 14
 
 
 @pytest.mark.parametrize("fault", [
@@ -437,7 +542,25 @@ def test_post_with_idempotency_key_is_retried_with_the_same_key(
     sent = [r for r in server.requests if r.method == "POST" and r.path == path]
     assert len(sent) == 2
     assert [r.headers.get("x-idempotency-key") for r in sent] == [key, key]
+    if path == CHECKOUT:  # Stripe's header name too, which SPAPS deduplicates checkouts by
+        assert [r.headers.get("idempotency-key") for r in sent] == [key, key]
     assert sent[0].body == sent[1].body
+
+
+def test_keyed_checkout_is_created_once_although_sent_twice(
+    server: MockServer, make_client: Callable[..., SpapsClient]
+) -> None:
+    """The first attempt is processed but its answer lost; the keyed replay gets that session."""
+    client = make_client(retry_config=fast())
+    server.inject("POST", CHECKOUT, {"drop": "after_process"})
+    server.reset_stats()
+
+    session = checkout(client, idempotency_key="checkout-once-7")
+
+    assert server.request_count("POST", CHECKOUT) == 2
+    again = checkout(client, idempotency_key="checkout-once-7")
+    assert again.session_id == session.session_id
+    assert session.checkout_url and session.amount_total == 1999
 
 
 def test_keyed_usage_record_is_counted_once_although_sent_twice(
@@ -451,6 +574,7 @@ def test_keyed_usage_record_is_counted_once_although_sent_twice(
     result = usage(client, idempotency_key="usage-once-42")
 
     assert result.feature == "api_calls"
+    assert result.idempotency_key == "usage-once-42" and result.replayed is True
     assert server.request_count("POST", USAGE) == 2
     assert api_calls_used(client) == before + 7
 
@@ -463,7 +587,7 @@ def test_post_answered_429_is_retried(
 
     session = checkout(client)
 
-    assert session.checkout_url
+    assert session.checkout_url and session.amount_total == 1999
     assert server.request_count("POST", CHECKOUT) == 2
 
 
@@ -529,33 +653,34 @@ def whitelist_someone(client: SpapsClient) -> None:
     client.whitelist.add(email=WHITELISTED, tier="premium")
 
 
-# (method, raw path, setup that also leaves a pooled connection, call)
-STALE_CALLS: list[tuple[str, str, Callable[[SpapsClient], Any], Callable[[SpapsClient], Any]]]
+# (method, raw path, setup that also leaves a pooled connection, call, as the admin)
+STALE_CALLS: list[tuple[str, str, Callable[[SpapsClient], Any], Callable[[SpapsClient], Any],
+                        bool]]
 STALE_CALLS = [
-    ("GET", BALANCE, lambda c: c.payments.get_balance(), lambda c: c.payments.get_balance()),
-    ("GET", "/api/sessions/current", lambda c: c.payments.get_balance(),
-     lambda c: c.sessions.get_current_session()),
-    ("POST", CHECKOUT, lambda c: c.payments.get_balance(), checkout),
-    ("POST", DEPOSIT, lambda c: c.payments.get_balance(), deposit),
-    ("POST", USAGE, lambda c: c.payments.get_balance(), usage),
-    ("POST", "/api/sessions/touch", lambda c: c.payments.get_balance(),
-     lambda c: c.sessions.touch_session()),
+    ("GET", "/api/usage/features", current, lambda c: c.usage.get_features(), False),
+    ("GET", CURRENT, current, current, False),
+    ("POST", CHECKOUT, current, checkout, False),
+    ("POST", INVOICE, current, invoice, False),
+    ("POST", MESSAGES, current, message, False),
+    ("POST", USAGE, current, usage, False),
+    ("POST", "/api/sessions/touch", current, lambda c: c.sessions.touch_session(), False),
     ("PUT", f"/api/v1/whitelist/{WHITELISTED}", whitelist_someone,
-     lambda c: c.whitelist.update(email=WHITELISTED, tier="basic")),
+     lambda c: c.whitelist.update(email=WHITELISTED, tier="basic"), True),
     ("DELETE", f"/api/v1/whitelist/{WHITELISTED}", whitelist_someone,
-     lambda c: c.whitelist.remove(email=WHITELISTED)),
+     lambda c: c.whitelist.remove(email=WHITELISTED), True),
 ]
 
 
-@pytest.mark.parametrize("method, path, setup, call", STALE_CALLS,
-                         ids=[f"{m}-{p.rsplit('/', 1)[-1]}" for m, p, _, _ in STALE_CALLS])
+@pytest.mark.parametrize("method, path, setup, call, as_admin", STALE_CALLS,
+                         ids=[f"{m}-{p.rsplit('/', 1)[-1]}" for m, p, *_ in STALE_CALLS])
 def test_connection_closed_while_idle_is_replaced_transparently(
     server: MockServer, make_client: Callable[..., SpapsClient], log: HookLog,
     method: str, path: str, setup: Callable[[SpapsClient], Any],
-    call: Callable[[SpapsClient], Any],
+    call: Callable[[SpapsClient], Any], as_admin: bool,
 ) -> None:
     # No retries at all: surviving the dead socket must not depend on the retry machinery.
-    client = make_client(retry_config=RetryConfig(max_attempts=1), logging_hooks=log.hooks)
+    client = make_client(retry_config=RetryConfig(max_attempts=1), logging_hooks=log.hooks,
+                         admin=as_admin)
     setup(client)  # leaves a keep-alive connection in the pool
     assert server.close_idle_connections() >= 1
     server.reset_stats()
@@ -573,11 +698,12 @@ def test_every_pooled_connection_closed_while_idle_is_replaced(
 ) -> None:
     """Several idle connections die at once; a burst of POSTs each lands exactly once."""
     client = make_client(retry_config=RetryConfig(max_attempts=1))
+    before = api_calls_used(client)
     barrier = threading.Barrier(4)
 
     def warm() -> None:
         barrier.wait()
-        client.payments.get_balance()
+        client.sessions.get_current_session()
 
     threads = [threading.Thread(target=warm) for _ in range(4)]
     for thread in threads:
@@ -591,6 +717,7 @@ def test_every_pooled_connection_closed_while_idle_is_replaced(
         usage(client)
 
     assert server.request_count("POST", USAGE) == 4
+    assert api_calls_used(client) == before + 4 * 7
 
 
 # --- observability ----------------------------------------------------------------------------
@@ -600,10 +727,10 @@ def test_hooks_show_error_backoff_retry_and_success(
     server: MockServer, make_client: Callable[..., SpapsClient], log: HookLog
 ) -> None:
     client = make_client(retry_config=fast(), logging_hooks=log.hooks)
-    server.inject("GET", BALANCE, {"drop": "after_read"})
+    server.inject("GET", CURRENT, {"drop": "after_read"})
     log.clear()
 
-    client.payments.get_balance()
+    client.sessions.get_current_session()
 
     assert log.kinds() == ["request", "error", "backoff", "retry", "response"]
     assert log.of("error")[0][1:] == ("SpapsTransportError", 1)
@@ -616,11 +743,11 @@ def test_hooks_show_give_up_after_transport_failures(
     server: MockServer, make_client: Callable[..., SpapsClient], log: HookLog
 ) -> None:
     client = make_client(retry_config=fast(max_attempts=3), logging_hooks=log.hooks)
-    server.inject("GET", BALANCE, *([{"drop": "after_read"}] * 3))
+    server.inject("GET", CURRENT, *([{"drop": "after_read"}] * 3))
     log.clear()
 
     with pytest.raises(SpapsTransportError):
-        client.payments.get_balance()
+        client.sessions.get_current_session()
 
     assert log.kinds() == ["request", "error", "backoff", "retry", "error", "backoff", "retry",
                            "error", "give_up"]
@@ -634,11 +761,11 @@ def test_hooks_show_every_response_and_the_give_up(
     server: MockServer, make_client: Callable[..., SpapsClient], log: HookLog
 ) -> None:
     client = make_client(retry_config=fast(max_attempts=3), logging_hooks=log.hooks)
-    server.inject("GET", BALANCE, {"status": 503}, {"status": 502}, {"status": 503})
+    server.inject("GET", CURRENT, {"status": 503}, {"status": 502}, {"status": 503})
     log.clear()
 
-    with pytest.raises(PaymentsError):
-        client.payments.get_balance()
+    with pytest.raises(SessionError):
+        client.sessions.get_current_session()
 
     assert log.kinds() == ["request", "response", "backoff", "retry", "response", "backoff",
                            "retry", "response", "give_up"]
@@ -652,7 +779,7 @@ def test_hooks_fire_once_per_call_for_a_plain_success(
     client = make_client(logging_hooks=log.hooks)
     log.clear()
 
-    client.payments.get_balance()
+    client.sessions.get_current_session()
 
     assert log.events == [("request", "GET"), ("response", 200, 1)]
 
@@ -666,6 +793,6 @@ def test_a_broken_hook_does_not_break_the_call(
     hooks = LoggingHooks(on_request=explode, on_response=explode, on_error=explode,
                          on_retry=explode, on_backoff=explode, on_give_up=explode)
     client = make_client(retry_config=fast(), logging_hooks=hooks)
-    server.inject("GET", BALANCE, {"drop": "after_read"})
+    server.inject("GET", CURRENT, {"drop": "after_read"})
 
-    assert client.payments.get_balance().balance.currency == "USD"
+    assert client.sessions.get_current_session().user_id == user_id_of(client)
