@@ -4542,11 +4542,13 @@ class MetricsClient(_Service):
                           headers={"Accept": "application/json"}).body
 
     def health(self) -> Dict[str, Any]:
-        """The ``/health`` document, e.g. ``{"status": "healthy"}``."""
+        """The ``/health`` document as sent; SPAPS puts the verdict in ``data``:
+        ``{"success": true, "data": {"status": "ok", "version": ...}, ...}``."""
         return self._call("GET", "/health", auth=_NONE).body
 
     def readiness(self) -> Dict[str, Any]:
-        """The ``/health/ready`` document, e.g. ``{"ready": true}``."""
+        """The ``/health/ready`` document as sent; SPAPS puts the verdict in ``data``:
+        ``{"success": true, "data": {"status": "ready", "checks": {...}}, ...}``."""
         return self._call("GET", "/health/ready", auth=_NONE).body
 
 
