@@ -4192,7 +4192,7 @@ class UsageClient(_Service):
                     error_code=reason.code if reason else "USAGE_NOT_AUTHORIZED",
                     retryable=False)
             authorization_ref = authorization.authorization_ref
-        if idempotency_key is None:
+        if not idempotency_key:  # "" would make every later record a replay of the first
             import uuid
 
             idempotency_key = "spaps-" + uuid.uuid4().hex
@@ -4211,9 +4211,12 @@ class UsageClient(_Service):
         if quantity is not None and len(dimensions) == 1:
             (name,) = dimensions
             used = totals.get(name)
-            # "remaining" of an authorization already counts the use it authorizes.
+            # "remaining" of an authorization already counts the use it authorizes, which
+            # a replayed record did not count again.
             left = authorization.remaining.get(name) if authorization else None
             if isinstance(left, (int, float)):
+                if data.get("replayed") is True:
+                    left += dimensions[name]
                 current["remaining"] = left
                 if isinstance(used, (int, float)):
                     current["limit"] = used + left

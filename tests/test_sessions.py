@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import datetime
 from typing import Any, Dict, List
 
@@ -25,7 +26,15 @@ from spaps_client import (
     SpapsClient,
     SpapsError,
 )
-from spaps_mock import MockServer, RecordedRequest
+from spaps_mock import APPLICATION_ID, MockServer, RecordedRequest
+
+
+def is_uuid(value: Any) -> bool:
+    try:
+        uuid.UUID(str(value))
+    except ValueError:
+        return False
+    return True
 
 
 def only(server: MockServer, method: str, path: str) -> RecordedRequest:
@@ -66,9 +75,9 @@ def test_get_current_session(server: MockServer, signed_in: SpapsClient) -> None
     assert request.raw_query == ""
 
     assert isinstance(session, SessionSummary)
-    assert session.session_id.startswith("sess_")
-    assert session.user_id.startswith("user_")
-    assert session.application_id == "app_mock"
+    assert is_uuid(session.session_id)
+    assert is_uuid(session.user_id)
+    assert session.application_id == APPLICATION_ID
     assert session.tier == "basic"
     for moment in (session.created_at, session.expires_at, session.last_activity):
         assert isinstance(moment, datetime) and moment.tzinfo is not None
@@ -90,8 +99,22 @@ def test_validate_session_flat_shape(server: MockServer, signed_in: SpapsClient)
     assert isinstance(result, SessionValidationResult)
     assert result.valid is True
     assert result.session_id == current.session_id
-    assert result.renewed is False
+    assert result.expires_at == current.expires_at
     assert isinstance(result.expires_at, datetime) and result.expires_at.tzinfo is not None
+    # SPAPS answers {valid, reason, session{...}}: no "renewed", and no reason when valid.
+    assert result.renewed is None
+    assert result.reason is None
+
+
+def test_validate_session_reads_an_invalid_verdict(server: MockServer,
+                                                   signed_in: SpapsClient) -> None:
+    server.inject("POST", "/api/sessions/validate", {
+        "status": 200, "raw_body": '{"success":true,"data":{"valid":false,'
+                                   '"reason":"session_expired","session":null}}',
+        "content_type": "application/json",
+    })
+    result = signed_in.sessions.validate_session()
+    assert (result.valid, result.reason, result.session_id) == (False, "session_expired", None)
 
 
 def test_validate_session_nested_shape_is_still_understood(server: MockServer,
@@ -126,18 +149,18 @@ def test_touch_session(server: MockServer, signed_in: SpapsClient) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_list_sessions_follows_redirect_and_keeps_both_headers(server: MockServer,
-                                                               signed_in: SpapsClient) -> None:
+def test_list_sessions_calls_the_slash_collection_with_both_headers(
+    server: MockServer, signed_in: SpapsClient
+) -> None:
     current = signed_in.sessions.get_current_session()
     listing = signed_in.sessions.list_sessions()
 
-    first = only(server, "GET", "/api/sessions")
-    followed = only(server, "GET", "/api/sessions/")
-    assert server.requests.index(first) + 1 == server.requests.index(followed)
-    for request in (first, followed):
-        assert_both_headers(request, bearer(signed_in))
-        assert request.raw_query == ""
-        assert request.body == b""
+    # "/api/sessions" would be a 307 to "/api/sessions/": the client goes there at once.
+    assert server.request_count("GET", "/api/sessions") == 0
+    request = only(server, "GET", "/api/sessions/")
+    assert_both_headers(request, bearer(signed_in))
+    assert request.raw_query == ""
+    assert request.body == b""
 
     assert isinstance(listing, SessionListResult)
     assert listing.total == 1
@@ -146,21 +169,21 @@ def test_list_sessions_follows_redirect_and_keeps_both_headers(server: MockServe
     assert isinstance(record, SessionRecord)
     assert record.session_id == current.session_id
     assert record.user_id == current.user_id
-    assert record.application_id == "app_mock"
-    assert record.is_current is True
+    assert record.application_id == APPLICATION_ID
+    assert record.is_current is None  # SPAPS lists is_current as null
     assert isinstance(record.created_at, datetime)
     assert isinstance(record.last_used, datetime)
     assert record.user_agent and "spaps" in record.user_agent
 
 
 def test_list_sessions_limit_zero_is_sent(server: MockServer, signed_in: SpapsClient) -> None:
-    listing = signed_in.sessions.list_sessions(limit=0)
-    first = only(server, "GET", "/api/sessions")
-    followed = only(server, "GET", "/api/sessions/")
-    assert first.raw_query == "limit=0"
-    assert followed.query == {"limit": ["0"]}
-    assert listing.sessions == []
-    assert listing.total == 1
+    # limit=0 is sent as given (not dropped as falsy); SPAPS wants limit >= 1.
+    with pytest.raises(SessionError) as caught:
+        signed_in.sessions.list_sessions(limit=0)
+    assert only(server, "GET", "/api/sessions/").raw_query == "limit=0"
+    assert (caught.value.status_code, caught.value.error_code) == (400, "VALIDATION_ERROR")
+    assert caught.value.details == {
+        "fields": {"query.limit": "Input should be greater than or equal to 1"}}
 
 
 def test_list_sessions_pagination(server: MockServer, signed_in: SpapsClient) -> None:
@@ -171,17 +194,16 @@ def test_list_sessions_pagination(server: MockServer, signed_in: SpapsClient) ->
     page1 = signed_in.sessions.list_sessions(limit=2)
     assert page1.total == 3
     assert len(page1.sessions) == 2
-    page2 = signed_in.sessions.list_sessions(limit=2,
-                                             starting_after=page1.sessions[-1].session_id)
+    page2 = signed_in.sessions.list_sessions(limit=2, offset=2)
     assert page2.total == 3
     assert len(page2.sessions) == 1
     all_ids = [s.session_id for s in page1.sessions + page2.sessions]
     assert len(all_ids) == len(set(all_ids)) == 3
+    assert signed_in.sessions.list_sessions(limit=2, offset=3).sessions == []
 
-    followed = [r for r in server.requests if r.path == "/api/sessions/"]
-    assert followed[0].query == {"limit": ["2"]}
-    assert followed[1].query == {"limit": ["2"],
-                                 "starting_after": [page1.sessions[-1].session_id]}
+    listed = [r for r in server.requests if r.path == "/api/sessions/"]
+    assert [r.raw_query for r in listed] == ["limit=2", "limit=2&offset=2",
+                                             "limit=2&offset=3"]
     for request in server.requests:
         assert_both_headers(request, bearer(signed_in))
 
@@ -189,7 +211,16 @@ def test_list_sessions_pagination(server: MockServer, signed_in: SpapsClient) ->
 def test_list_sessions_empty_starting_after_is_omitted(server: MockServer,
                                                        signed_in: SpapsClient) -> None:
     signed_in.sessions.list_sessions(starting_after="")
-    assert only(server, "GET", "/api/sessions").raw_query == ""
+    assert only(server, "GET", "/api/sessions/").raw_query == ""
+
+
+def test_list_sessions_sends_a_cursor_when_given(server: MockServer,
+                                                 signed_in: SpapsClient) -> None:
+    # For servers that page by cursor; SPAPS pages by offset and ignores it.
+    listing = signed_in.sessions.list_sessions(limit=5, starting_after="sess_1")
+    assert only(server, "GET", "/api/sessions/").query == {"limit": ["5"],
+                                                           "starting_after": ["sess_1"]}
+    assert listing.total == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,7 +250,7 @@ def test_revoke_session_path_parameter_is_percent_encoded(server: MockServer,
     with pytest.raises(SessionError) as caught:
         signed_in.sessions.revoke_session("../payments/balance")
     assert caught.value.status_code == 404
-    assert caught.value.error_code == "SESSION_NOT_FOUND"
+    assert caught.value.error_code == "NOT_FOUND"
 
     deletes = [r for r in server.requests if r.method == "DELETE"]
     assert [r.path for r in deletes] == ["/api/sessions/..%2Fpayments%2Fbalance"]
@@ -266,7 +297,8 @@ def test_revoked_session_token_is_rejected_with_session_error(server: MockServer
     with pytest.raises(SessionError) as caught:
         signed_in.sessions.get_current_session(access_token_override=pair.access_token)
     assert caught.value.status_code == 401
-    assert caught.value.error_code == "SESSION_REVOKED"
+    assert caught.value.error_code == "INVALID_TOKEN"
+    assert str(caught.value) == "Token has been revoked"
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,9 +369,13 @@ def test_unknown_session_is_session_error_404(server: MockServer,
         signed_in.sessions.revoke_session("sess_does_not_exist")
     error = caught.value
     assert error.status_code == 404
-    assert error.error_code == "SESSION_NOT_FOUND"
-    assert error.request_id and error.request_id.startswith("req_")
+    assert error.error_code == "NOT_FOUND"
+    assert error.request_id and is_uuid(error.request_id)
     assert "sess_does_not_exist" in str(error)
+    # A well-formed id of no session of this user is just as unknown.
+    with pytest.raises(SessionError) as unknown:
+        signed_in.sessions.revoke_session(str(uuid.uuid4()))
+    assert (unknown.value.status_code, unknown.value.error_code) == (404, "NOT_FOUND")
 
 
 def test_server_error_is_session_error(server: MockServer, signed_in: SpapsClient) -> None:
@@ -408,7 +444,7 @@ def test_async_sessions_end_to_end(server: MockServer) -> None:
             out: Dict[str, Any] = {"token": spaps.get_tokens().access_token}  # type: ignore[union-attr]
             out["current"] = await spaps.sessions.get_current_session()
             out["valid"] = await spaps.sessions.validate_session()
-            out["listing"] = await spaps.sessions.list_sessions(limit=0)
+            out["listing"] = await spaps.sessions.list_sessions(limit=1)
             out["full"] = await spaps.sessions.list_sessions()
             out["touched"] = await spaps.sessions.touch_session()
             out["revoked"] = await spaps.sessions.revoke_session(other_id)
@@ -426,7 +462,7 @@ def test_async_sessions_end_to_end(server: MockServer) -> None:
     assert isinstance(out["valid"], SessionValidationResult) and out["valid"].valid is True
     assert out["valid"].session_id == out["current"].session_id
     assert isinstance(out["listing"], SessionListResult)
-    assert out["listing"].sessions == [] and out["listing"].total == 2
+    assert len(out["listing"].sessions) == 1 and out["listing"].total == 2
     assert {s.session_id for s in out["full"].sessions} == {other_id,
                                                             out["current"].session_id}
     assert isinstance(out["touched"], SessionTouchResult)
@@ -439,9 +475,7 @@ def test_async_sessions_end_to_end(server: MockServer) -> None:
     assert [(r.method, r.path, r.raw_query) for r in requests] == [
         ("GET", "/api/sessions/current", ""),
         ("POST", "/api/sessions/validate", ""),
-        ("GET", "/api/sessions", "limit=0"),
-        ("GET", "/api/sessions/", "limit=0"),
-        ("GET", "/api/sessions", ""),
+        ("GET", "/api/sessions/", "limit=1"),
         ("GET", "/api/sessions/", ""),
         ("POST", "/api/sessions/touch", ""),
         ("DELETE", f"/api/sessions/{other_id}", ""),
@@ -449,7 +483,7 @@ def test_async_sessions_end_to_end(server: MockServer) -> None:
     ]
     for request in requests:
         assert_both_headers(request, auth)
-    assert requests[1].json == {} and requests[6].json == {}
+    assert requests[1].json == {} and requests[4].json == {}
 
 
 def test_async_session_errors(server: MockServer) -> None:
@@ -465,7 +499,7 @@ def test_async_session_errors(server: MockServer) -> None:
     error = asyncio.run(scenario())
     assert error.status_code == 401
     assert error.error_code == "INVALID_TOKEN"
-    assert error.request_id and error.request_id.startswith("req_")
+    assert error.request_id and is_uuid(error.request_id)
 
 
 def test_standalone_async_sessions_client(server: MockServer, signed_in: SpapsClient) -> None:
@@ -480,7 +514,7 @@ def test_standalone_async_sessions_client(server: MockServer, signed_in: SpapsCl
             return await sessions.get_current_session()
 
     session = asyncio.run(scenario())
-    assert session.session_id.startswith("sess_")
+    assert is_uuid(session.session_id)
     assert only(server, "GET", "/api/sessions/current").headers["authorization"] == (
         f"Bearer {tokens.access_token}"
     )

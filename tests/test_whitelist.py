@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+from datetime import datetime
 from typing import Iterator
 
 import pytest
@@ -22,6 +24,7 @@ from service_twin import (
     tag_request_id,
 )
 
+import spaps_client
 from spaps_client import (
     WhitelistCheckResult,
     WhitelistEntry,
@@ -29,7 +32,7 @@ from spaps_client import (
     WhitelistListResult,
     WhitelistMessage,
 )
-from spaps_mock import MockServer
+from spaps_mock import ADMIN_EMAIL, ADMIN_PASSWORD, ADMIN_USER_ID, APPLICATION_ID, MockServer
 
 PREFIX = "/api/v1/whitelist"
 CHECK = PREFIX + "/check"
@@ -38,8 +41,23 @@ TAGGED = "user+tag@example.com"
 
 @pytest.fixture(params=SURFACES)
 def api(request: pytest.FixtureRequest, server: MockServer) -> Iterator[Twin]:
+    """Signed in as the seeded admin: SPAPS lets only admins list and change the whitelist."""
+    with aggregate(server, request.param, sign_in=False) as twin:
+        twin.auth.sign_in_with_password(email=ADMIN_EMAIL, password=ADMIN_PASSWORD)
+        yield twin
+
+
+@pytest.fixture(params=SURFACES)
+def user_api(request: pytest.FixtureRequest, server: MockServer) -> Iterator[Twin]:
+    """Signed in as the demo user, who is no admin."""
     with aggregate(server, request.param) as twin:
         yield twin
+
+
+def admin_token(server: MockServer) -> str:
+    with spaps_client.SpapsClient(base_url=server.url, api_key=API_KEY) as client:
+        return client.auth.sign_in_with_password(email=ADMIN_EMAIL,
+                                                 password=ADMIN_PASSWORD).access_token
 
 
 # --- check --------------------------------------------------------------------------------
@@ -56,7 +74,7 @@ def test_check_works_without_sign_in(server: MockServer, surface: str) -> None:
     assert_auth(request, None)
     assert_no_body(request)
     assert isinstance(result, WhitelistCheckResult)
-    assert result.message == "Email is not whitelisted"
+    assert result.message == "Email nobody+x@example.com is not whitelisted"
     assert result.entry is None
 
 
@@ -66,11 +84,21 @@ def test_check_never_sends_the_bearer_token(api: Twin, server: MockServer) -> No
     result = api.whitelist.check(email=TAGGED)
 
     assert_auth(last_request(server, "GET", CHECK), None)
-    assert result.message == "Email is whitelisted"
+    assert result.message == f"Email {TAGGED} is whitelisted"
     assert isinstance(result.entry, WhitelistEntry)
     assert result.entry.email == TAGGED
     assert result.entry.tier == "basic"
     assert result.entry.bypass_payment is True
+
+
+def test_check_works_for_a_user_who_is_no_admin(api: Twin, user_api: Twin,
+                                                server: MockServer) -> None:
+    api.whitelist.add(email=TAGGED)
+
+    result = user_api.whitelist.check(email=TAGGED)
+
+    assert_auth(last_request(server, "GET", CHECK), None)
+    assert result.entry is not None and result.entry.email == TAGGED
 
 
 def test_check_error(api: Twin, server: MockServer) -> None:
@@ -139,8 +167,11 @@ def test_add_defaults(api: Twin, server: MockServer) -> None:
     assert entry.email == TAGGED
     assert entry.tier == "premium"
     assert entry.bypass_payment is True
-    assert entry.application_id == "app_mock"
+    assert entry.application_id == APPLICATION_ID
     assert entry.metadata == {}
+    assert entry.id is not None and uuid.UUID(entry.id)
+    assert entry.created_by == ADMIN_USER_ID
+    assert isinstance(entry.created_at, datetime) and isinstance(entry.updated_at, datetime)
 
 
 def test_add_sends_every_given_key(api: Twin, server: MockServer) -> None:
@@ -159,6 +190,43 @@ def test_add_error(api: Twin, server: MockServer) -> None:
         api.whitelist.add(email="not-an-email")
 
     assert_service_error(caught.value, WhitelistError, 400, "VALIDATION_ERROR")
+    assert caught.value.details == {"fields": {"email": (
+        "value is not a valid email address: An email address must have an @-sign.")}}
+
+
+def test_add_duplicate(api: Twin, server: MockServer) -> None:
+    api.whitelist.add(email=TAGGED, tier="basic")
+    tag_request_id(server, "POST", PREFIX)
+
+    with pytest.raises(WhitelistError) as caught:
+        api.whitelist.add(email=TAGGED.upper(), tier="premium")
+
+    assert_service_error(caught.value, WhitelistError, 409, "DUPLICATE_ENTRY")
+    entry = api.whitelist.check(email=TAGGED).entry
+    assert entry is not None and entry.tier == "basic"
+
+
+# --- only admins may list and change it ---------------------------------------------------
+
+
+def test_writes_and_list_need_an_admin(api: Twin, user_api: Twin, server: MockServer) -> None:
+    api.whitelist.add(email=TAGGED, tier="basic")
+    calls = [
+        ("GET", PREFIX, lambda: user_api.whitelist.list()),
+        ("POST", PREFIX, lambda: user_api.whitelist.add(email="new@example.com")),
+        ("PUT", f"{PREFIX}/{TAGGED}", lambda: user_api.whitelist.update(email=TAGGED,
+                                                                        tier="enterprise")),
+        ("DELETE", f"{PREFIX}/{TAGGED}", lambda: user_api.whitelist.remove(email=TAGGED)),
+    ]
+    for method, path, call in calls:
+        tag_request_id(server, method, path)
+        with pytest.raises(WhitelistError) as caught:
+            call()
+        assert_service_error(caught.value, WhitelistError, 403, "FORBIDDEN")
+        assert_auth(last_request(server, method, path), access_token(user_api))
+
+    entries = api.whitelist.list().entries
+    assert [(e.email, e.tier) for e in entries] == [(TAGGED, "basic")]
 
 
 # --- update -------------------------------------------------------------------------------
@@ -214,7 +282,8 @@ def test_remove(api: Twin, server: MockServer) -> None:
     assert_auth(request, access_token(api))
     assert_no_body(request)
     assert isinstance(result, WhitelistMessage)
-    assert result.message == "Email removed from whitelist"
+    # SPAPS answers 204 without a body: the message is the client's own.
+    assert result.message == f"{TAGGED} was removed from the whitelist"
     assert api.whitelist.check(email=TAGGED).entry is None
     assert api.whitelist.list().total == 0
 
@@ -275,7 +344,7 @@ def test_empty_email_path_is_refused_before_sending(api: Twin, server: MockServe
 
 @pytest.mark.parametrize("surface", SURFACES)
 def test_standalone_whitelist_client(server: MockServer, surface: str) -> None:
-    token = demo_token(server)
+    token = admin_token(server)
     anonymous = standalone(surface, "WhitelistClient", base_url=server.url, api_key=API_KEY)
     signed = standalone(surface, "WhitelistClient", base_url=server.url, api_key=API_KEY,
                         access_token=token)
@@ -289,6 +358,24 @@ def test_standalone_whitelist_client(server: MockServer, surface: str) -> None:
         assert_auth(last_request(server, "POST", PREFIX), token)
         assert signed.check(email="a@example.com").entry is not None
         assert_auth(last_request(server, "GET", CHECK), None)
+        assert signed.remove(email="a@example.com").message == (
+            "a@example.com was removed from the whitelist")
+        assert anonymous.check(email="a@example.com").entry is None
     finally:
         close(anonymous)
+        close(signed)
+
+
+@pytest.mark.parametrize("surface", SURFACES)
+def test_standalone_whitelist_client_with_a_user_token(server: MockServer,
+                                                       surface: str) -> None:
+    token = demo_token(server)
+    signed = standalone(surface, "WhitelistClient", base_url=server.url, api_key=API_KEY,
+                        access_token=token)
+    try:
+        with pytest.raises(WhitelistError) as caught:
+            signed.add(email="a@example.com")
+        assert (caught.value.status_code, caught.value.error_code) == (403, "FORBIDDEN")
+        assert_auth(last_request(server, "POST", PREFIX), token)
+    finally:
         close(signed)
