@@ -5281,6 +5281,11 @@ def _run_command(client: SpapsClient, command: str, as_json: bool) -> int:
                       f"{user.email or user.username or '-'} (id {user.id}, tier {user.tier})")
         return EXIT_OK
     listing = client.sessions.list_sessions()
+    current = {s.session_id for s in listing.sessions if s.is_current}
+    if not current:  # SPAPS 0.6 lists every session with is_current null
+        current = {client.sessions.get_current_session().session_id}
+        for session in listing.sessions:
+            session.is_current = session.session_id in current
     lines = [f"{s.session_id}{' (current)' if s.is_current else ''} created {s.created_at:%c}"
              for s in listing.sessions]
     _print_result(as_json, listing.model_dump(), "\n".join([*lines, f"{listing.total} sessions"]))

@@ -43,7 +43,40 @@ def test_health_and_ready(server: MockServer, capsys: pytest.CaptureFixture[str]
     code, out, _ = run(capsys, "--base-url", server.url, "health")
     assert (code, out.startswith("health: ok")) == (0, True)
     code, out, _ = run(capsys, "--base-url", server.url, "--json", "ready")
-    assert code == 0 and json.loads(out) == {"ready": True}
+    document = json.loads(out)  # the document as SPAPS sent it, envelope included
+    assert code == 0 and document["success"] is True
+    assert document["data"]["status"] == "ready"
+    assert document["data"]["checks"]["database"] == {"status": "connected"}
+
+
+@pytest.mark.parametrize("command, body", [
+    ("health", {"success": True, "data": {"status": "degraded"}}),
+    ("health", {"success": True, "status": "ok", "data": {"status": "down"}}),
+    ("ready", {"success": True, "data": {"status": "starting", "ready": False}}),
+    ("ready", {"success": True, "ready": True, "data": {"status": "not_ready"}}),
+], ids=["health-degraded", "health-data-wins", "ready-starting", "ready-data-wins"])
+def test_verdict_is_read_from_the_data_envelope(
+    server: MockServer, capsys: pytest.CaptureFixture[str], command: str, body: dict
+) -> None:
+    path = "/health" if command == "health" else "/health/ready"
+    server.inject("GET", path, {"status": 200, "raw_body": json.dumps(body),
+                                "content_type": "application/json"})
+    code, out, _ = run(capsys, "--base-url", server.url, command)
+    assert code == spaps_client.EXIT_FAILED
+    assert out.startswith(f"{command}: NOT OK")
+
+
+@pytest.mark.parametrize("command, body", [
+    ("health", {"status": "healthy"}), ("ready", {"ready": True}),
+], ids=["health", "ready"])
+def test_unenveloped_verdicts_of_older_servers_still_count(
+    server: MockServer, capsys: pytest.CaptureFixture[str], command: str, body: dict
+) -> None:
+    path = "/health" if command == "health" else "/health/ready"
+    server.inject("GET", path, {"status": 200, "raw_body": json.dumps(body),
+                                "content_type": "application/json"})
+    code, out, _ = run(capsys, "--base-url", server.url, "--json", command)
+    assert code == spaps_client.EXIT_OK and json.loads(out) == body
 
 
 def test_unhealthy_server_exits_1(server: MockServer, capsys: pytest.CaptureFixture[str]) -> None:

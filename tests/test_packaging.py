@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 import zipfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -37,6 +38,8 @@ SOURCE = os.path.join(ROOT, "spaps_client.py")
 VERSION = spaps_client.__version__
 SUPPORTED = ("3.9", "3.10", "3.11", "3.12", "3.13")
 TIMEOUT = 120  # seconds for any one subprocess
+PRICE_ID = "price_basic_monthly"  # seeded in every emulator the user programs check out from
+UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"  # SPAPS ids
 
 
 # -----------------------------------------------------------------------------
@@ -84,7 +87,8 @@ def pyenv_pythons() -> Dict[str, str]:
 @contextlib.contextmanager
 def mock_process(python: str = sys.executable, *, cwd: str = ROOT,
                  env: Optional[Dict[str, str]] = None) -> Iterator[str]:
-    """``python -m spaps_mock --port 0`` in its own process; yields the URL it prints."""
+    """``python -m spaps_mock --port 0`` in its own process, with ``PRICE_ID`` seeded; yields
+    the URL it prints."""
     process = subprocess.Popen(
         [python, "-m", "spaps_mock", "--port", "0"], cwd=cwd, env=env or clean_env(),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -102,7 +106,9 @@ def mock_process(python: str = sys.executable, *, cwd: str = ROOT,
             process.kill()
             raise AssertionError(f"spaps_mock did not start: {line!r} "
                                  f"{process.stderr.read() if process.stderr else ''}")
-        yield match.group(1)
+        url = match.group(1)
+        seed_price(url)
+        yield url
     finally:
         if process.poll() is None:
             process.terminate()
@@ -114,6 +120,15 @@ def mock_process(python: str = sys.executable, *, cwd: str = ROOT,
         for stream in (process.stdout, process.stderr):
             if stream is not None:
                 stream.close()
+
+
+def seed_price(url: str, price_id: str = PRICE_ID) -> None:
+    """Seed a Stripe price through the control route (SPAPS sells only prices it manages)."""
+    request = urllib.request.Request(
+        url + "/__mock__/prices", data=json.dumps({"price_id": price_id}).encode(),
+        method="POST", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert answer.status in (200, 201)
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +199,7 @@ def check_vendored_output(out: str, module: str, minor: str) -> None:
     assert lines["module"] == module
     assert lines["version"] == VERSION
     assert lines["user"] == DEMO_EMAIL
-    assert re.fullmatch(r"\S+ True", lines["session"])
+    assert re.fullmatch(UUID + r" True", lines["session"])
     assert re.fullmatch(r"cs_\S+ https://\S+", lines["checkout"])
     assert lines["async"] == "True"
 
@@ -349,8 +364,11 @@ def sync_flow(url: str) -> str:
             success_url="https://example.com/success",
             cancel_url="https://example.com/cancel",
         )
-        status: str = str(client.metrics.health().get("status"))
-        email: str | None = pair.user.email
+        health = client.metrics.health()  # SPAPS envelopes it: {"success", "data": {...}}
+        data = health.get("data")
+        status: str = str(data.get("status")) if isinstance(data, dict) else "?"
+        # TokenPair.user is Optional (a refresh reply names no user); login names one.
+        email: str | None = pair.user.email if pair.user is not None else None
         return f"{email} {session.session_id} {checkout.checkout_url} {status}"
 
 
@@ -457,7 +475,7 @@ def test_wheel_in_fresh_venv_is_typed_and_runs(dists: Dict[str, str],
         program = run([python, "good.py", url], cwd=project, env=env)
     assert program.returncode == 0, program.stderr
     first, second = program.stdout.splitlines()
-    assert re.fullmatch(rf"{re.escape(DEMO_EMAIL)} sess_\S+ https://\S+ healthy", first)
+    assert re.fullmatch(rf"{re.escape(DEMO_EMAIL)} {UUID} https://\S+ ok", first)
     assert re.fullmatch(rf"\d+ {re.escape(VERSION)} True", second)
 
 
@@ -487,7 +505,7 @@ from spaps_client import SpapsClient
 print(spaps_client.__file__)
 print("site" in sys.modules)
 with SpapsClient(base_url=sys.argv[1], api_key="layer-key") as spaps:
-    print(spaps.metrics.health()["status"])
+    print(spaps.metrics.health()["data"]["status"])
     pair = spaps.auth.sign_in_with_password(email="demo@example.com", password="demo-password")
     print(pair.user.email)
 '''
@@ -517,7 +535,7 @@ def test_layer_zip_unpacks_and_imports(server: MockServer,
     assert done.returncode == 0, done.stderr
     module, has_site, health, email = done.stdout.splitlines()
     assert module == os.path.join(layer_python, "spaps_client.py")
-    assert (has_site, health, email) == ("False", "healthy", DEMO_EMAIL)
+    assert (has_site, health, email) == ("False", "ok", DEMO_EMAIL)
 
 
 @pytest.mark.slow
@@ -554,7 +572,7 @@ def test_layer_with_precompiled_bytecode(server: MockServer,
     assert done.returncode == 0, done.stderr[-3000:]
     cached = os.path.join(layer_python, "__pycache__", f"spaps_client.{tag}.pyc")
     assert f"code object from '{cached}'" in done.stderr
-    assert done.stdout.splitlines()[2:] == ["healthy", DEMO_EMAIL]
+    assert done.stdout.splitlines()[2:] == ["ok", DEMO_EMAIL]
 
 
 # -----------------------------------------------------------------------------
@@ -615,14 +633,16 @@ def test_cli_version(cli_home: str) -> None:
 
 
 def test_cli_health_and_ready(server: MockServer, cli_home: str) -> None:
-    for command, key, value in (("health", "status", "healthy"), ("ready", "ready", True)):
+    # SPAPS envelopes both documents; the verdict is read from (and printed with) "data".
+    for command, value in (("health", "ok"), ("ready", "ready")):
         done = cli(cli_home, "--base-url", server.url, "--api-key", CLI_KEY, command)
         assert done.returncode == 0, done.stderr
         assert done.stdout.startswith(f"{command}: ok ")
         assert_no_secrets(done)
         done = cli(cli_home, "--base-url", server.url, "--api-key", CLI_KEY, "--json", command)
         assert done.returncode == 0, done.stderr
-        assert json.loads(done.stdout)[key] == value
+        document = json.loads(done.stdout)
+        assert document["success"] is True and document["data"]["status"] == value
 
 
 def test_cli_reads_spaps_environment(server: MockServer, cli_home: str, token_file: str) -> None:
@@ -690,7 +710,7 @@ def test_cli_whoami_and_sessions(server: MockServer, cli_home: str, token_file: 
     common = ["--base-url", server.url, "--api-key", CLI_KEY, "--token-file", token_file]
     done = cli(cli_home, *common, "whoami")
     assert done.returncode == 0, done.stderr
-    assert re.fullmatch(rf"{re.escape(DEMO_EMAIL)} \(id user_\S+, tier basic\)\n", done.stdout)
+    assert re.fullmatch(rf"{re.escape(DEMO_EMAIL)} \(id {UUID}, tier basic\)\n", done.stdout)
     assert_no_secrets(done, token_file)
 
     done = cli(cli_home, *common, "--json", "whoami")
@@ -698,16 +718,40 @@ def test_cli_whoami_and_sessions(server: MockServer, cli_home: str, token_file: 
     assert json.loads(done.stdout)["email"] == DEMO_EMAIL
     assert_no_secrets(done, token_file)
 
+    current = current_session_id(server, token_file)
     done = cli(cli_home, *common, "sessions")
     assert done.returncode == 0, done.stderr
-    assert "(current)" in done.stdout and done.stdout.endswith(" sessions\n")
+    lines = done.stdout.splitlines()
+    assert re.fullmatch(r"\d+ sessions", lines[-1])
+    assert len(lines) - 1 == int(lines[-1].split()[0]) >= 1
+    assert any(line.startswith(current) for line in lines[:-1])
+    assert all(re.match(UUID + r"( \(current\))? created ", line) for line in lines[:-1])
     assert_no_secrets(done, token_file)
 
     done = cli(cli_home, *common, "--json", "sessions")
     assert done.returncode == 0, done.stderr
     listing = json.loads(done.stdout)
-    assert listing["total"] >= 1 and any(s["is_current"] for s in listing["sessions"])
+    assert listing["total"] >= 1
+    assert current in [s["session_id"] for s in listing["sessions"]]
     assert_no_secrets(done, token_file)
+
+
+def current_session_id(server: MockServer, token_file: str) -> str:
+    with SpapsClient(base_url=server.url, api_key=CLI_KEY,
+                     token_storage=FileTokenStorage(path=token_file)) as spaps:
+        return spaps.sessions.get_current_session().session_id
+
+
+def test_cli_sessions_marks_the_current_one(server: MockServer, cli_home: str,
+                                            token_file: str) -> None:
+    """docs/cli.md: one line per session, "the current one marked ``(current)``"."""
+    common = ["--base-url", server.url, "--api-key", CLI_KEY, "--token-file", token_file]
+    current = current_session_id(server, token_file)
+    done = cli(cli_home, *common, "sessions")
+    assert done.returncode == 0, done.stderr
+    assert [line for line in done.stdout.splitlines() if "(current)" in line] == [
+        line for line in done.stdout.splitlines() if line.startswith(current)]
+    assert f"{current} (current) created " in done.stdout
 
 
 @pytest.mark.parametrize("args", [

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import pytest
 from conftest import API_KEY, DEMO_EMAIL, DEMO_PASSWORD, ROOT
 from service_twin import (
+    _PLAIN_METHODS,
     SURFACES,
     Twin,
     aggregate,
@@ -34,7 +35,7 @@ from spaps_client import (
     Settings,
     SpapsError,
 )
-from spaps_mock import MockServer
+from spaps_mock import ADMIN_EMAIL, ADMIN_PASSWORD, MockServer
 
 # Contract 3.1: the 72 names of the reference client's ``__all__``.
 CONTRACT_ALL = [
@@ -62,6 +63,70 @@ CONTRACT_ALL = [
     "StoredTokens", "TokenStorage", "InMemoryTokenStorage", "FileTokenStorage",
     "verify_crypto_webhook_signature",
 ]
+
+# Names added beyond the contract for the real SPAPS usage API (authorize, then record).
+SPAPS_ADDITIONS = ["UsageAuthorization", "UsageReason", "UsageWindow", "UsageEvent"]
+
+
+@pytest.mark.parametrize("name", SPAPS_ADDITIONS)
+def test_spaps_usage_models_are_exported(name: str) -> None:
+    assert name in spaps_client.__all__
+    assert isinstance(getattr(spaps_client, name), type)
+
+
+# (service, method, the 0.1.2 keywords in their order, keywords added for SPAPS 0.6.6)
+METHOD_KEYWORDS: List[Tuple[str, str, List[str], List[str]]] = [
+    ("AuthClient", "logout", ["access_token"], ["refresh_token"]),
+    ("SessionsClient", "list_sessions", ["limit", "starting_after", "access_token_override"],
+     ["offset"]),
+    ("UsageClient", "record_usage",
+     ["feature", "quantity", "metadata", "timestamp", "idempotency_key",
+      "access_token_override"],
+     ["dimensions", "authorization_ref", "resource_type", "resource_id", "subject_user_id"]),
+    ("UsageClient", "get_history",
+     ["period", "start_date", "end_date", "feature", "format", "access_token_override"],
+     ["limit", "offset"]),
+    ("UsageClient", "authorize_usage", [],
+     ["feature_key", "dimensions", "resource_type", "resource_id", "subject_user_id",
+      "metadata", "access_token_override"]),
+]
+
+
+@pytest.mark.parametrize(("service", "method", "old", "new"), METHOD_KEYWORDS,
+                         ids=[f"{m[0]}.{m[1]}" for m in METHOD_KEYWORDS])
+def test_method_keywords_keep_the_contract_and_add_the_spaps_ones(
+    service: str, method: str, old: List[str], new: List[str]
+) -> None:
+    parameters = inspect.signature(getattr(getattr(spaps_client, service), method)).parameters
+    names = [name for name in parameters if name != "self"]
+    assert sorted(names) == sorted(old + new)
+    assert [name for name in names if name in old] == old  # 0.1.2 order kept
+    assert all(parameters[name].kind is inspect.Parameter.KEYWORD_ONLY for name in names)
+    required = {"record_usage": ["feature"], "authorize_usage": ["feature_key", "dimensions"]}
+    for name in new:
+        if name not in required.get(method, []):
+            expected = "user" if name == "resource_type" else None
+            assert parameters[name].default == expected, name  # callers of 0.1.2 unaffected
+
+
+SYNC_SERVICES = ["AuthClient", "SessionsClient", "PaymentsClient", "CryptoPaymentsClient",
+                 "UsageClient", "WhitelistClient", "SecureMessagesClient", "MetricsClient",
+                 "EntitlementsClient"]
+PUBLIC_METHODS = [
+    (service, method) for service in SYNC_SERVICES
+    for method, value in vars(getattr(spaps_client, service)).items()
+    if callable(value) and not method.startswith("_")
+]
+
+
+@pytest.mark.parametrize(("service", "method"), PUBLIC_METHODS,
+                         ids=[f"{s}.{m}" for s, m in PUBLIC_METHODS])
+def test_every_sync_method_has_an_awaitable_async_twin(service: str, method: str) -> None:
+    twin = getattr(getattr(spaps_client, "Async" + service), method, None)
+    assert twin is not None, f"Async{service}.{method} is missing"
+    # Token-storage helpers stay plain on both surfaces; every call to the server awaits.
+    assert inspect.iscoroutinefunction(twin) is (method not in _PLAIN_METHODS)
+
 
 SERVICE_ERRORS = ["AuthError", "SessionError", "PaymentsError", "CryptoPaymentsError",
                   "UsageError", "WhitelistError", "SecureMessagesError"]
@@ -179,8 +244,22 @@ def _sessions(c: Twin) -> Any:
     return c.get_current_session()
 
 
+PRICE_ID = "price_surface"
+
+
 def _payments(c: Twin) -> Any:
-    return c.get_balance()
+    # SPAPS serves GET /api/payments/balance as a 501 stub; checkout is a real route (for a
+    # price the server manages: the tests seed PRICE_ID).
+    return c.create_checkout_session(price_id=PRICE_ID, mode="payment",
+                                     success_url="https://a.example/ok",
+                                     cancel_url="https://a.example/no")
+
+
+def admin_token(server: MockServer) -> str:
+    """A fresh access token for the seeded admin (whitelist listing is admin-only on SPAPS)."""
+    with spaps_client.SpapsClient(base_url=server.url, api_key=API_KEY) as client:
+        return client.auth.sign_in_with_password(
+            email=ADMIN_EMAIL, password=ADMIN_PASSWORD).access_token
 
 
 def _usage(c: Twin) -> Any:
@@ -197,7 +276,7 @@ def _messages(c: Twin) -> Any:
 
 SMOKE: List[Tuple[str, Callable[[Twin], Any], str, str]] = [
     ("SessionsClient", _sessions, "GET", "/api/sessions/current"),
-    ("PaymentsClient", _payments, "GET", "/api/payments/balance"),
+    ("PaymentsClient", _payments, "POST", "/api/stripe/checkout-sessions"),
     ("UsageClient", _usage, "GET", "/api/usage/features"),
     ("WhitelistClient", _whitelist, "GET", "/api/v1/whitelist"),
     ("SecureMessagesClient", _messages, "GET", "/api/secure-messages"),
@@ -210,10 +289,11 @@ def test_standalone_clients_send_their_access_token(
     server: MockServer, surface: str, name: str, call: Callable[[Twin], Any], method: str,
     path: str,
 ) -> None:
-    token = demo_token(server)
+    server.add_price(PRICE_ID)
+    token = admin_token(server) if name == "WhitelistClient" else demo_token(server)
     client = standalone(surface, name, base_url=server.url, api_key=API_KEY, access_token=token)
     try:
-        call(client)
+        assert call(client) is not None
     finally:
         close(client)
 
@@ -225,7 +305,8 @@ def test_standalone_metrics_and_auth_clients(server: MockServer, surface: str) -
     metrics = standalone(surface, "MetricsClient", base_url=server.url)
     auth = standalone(surface, "AuthClient", base_url=server.url, api_key=API_KEY)
     try:
-        assert metrics.health() == {"status": "healthy"}
+        health = metrics.health()  # the document as sent: SPAPS envelopes it
+        assert health["success"] is True and health["data"]["status"] == "ok"
         request = last_request(server, "GET", "/health")
         assert "x-api-key" not in request.headers and "authorization" not in request.headers
 
@@ -239,18 +320,19 @@ def test_standalone_metrics_and_auth_clients(server: MockServer, surface: str) -
 
 @pytest.mark.parametrize("surface", SURFACES)
 def test_injected_client_is_used_and_left_open(server: MockServer, surface: str) -> None:
+    server.add_price(PRICE_ID)
     token = demo_token(server)
     transport = RetryClient(base_url=server.url)
     try:
         payments = standalone(surface, "PaymentsClient", base_url=server.url, api_key=API_KEY,
                               access_token=token, client=transport)
-        payments.get_balance()
+        _payments(payments)
         close(payments)
         # The caller owns the injected client: it still works after the service is closed.
         again = standalone(surface, "PaymentsClient", base_url=server.url, api_key=API_KEY,
                            access_token=token, client=transport)
-        again.get_balance()
-        assert server.request_count("GET", "/api/payments/balance") == 2
+        _payments(again)
+        assert server.request_count("POST", "/api/stripe/checkout-sessions") == 2
     finally:
         transport.close()
 
@@ -292,20 +374,21 @@ def test_aggregate_accepts_contract_keywords_with_dict_configs(
 
 @pytest.mark.parametrize("surface", SURFACES)
 def test_aggregate_uses_an_injected_http_client(server: MockServer, surface: str) -> None:
+    server.add_price(PRICE_ID)
     transport = RetryClient(base_url=server.url)
     try:
         kind = spaps_client.AsyncSpapsClient if surface == "async" else spaps_client.SpapsClient
         client = Twin(kind(api_key=API_KEY, http_client=transport), surface == "async")
         client.auth.sign_in_with_password(email=DEMO_EMAIL, password=DEMO_PASSWORD)
-        client.payments.get_balance()
+        _payments(client.payments)
         close(client)
 
         assert server.request_count("POST", "/api/auth/login") == 1
         with spaps_client.PaymentsClient(base_url=server.url, api_key=API_KEY,
                                          access_token=demo_token(server),
                                          client=transport) as payments:
-            payments.get_balance()  # still open: the caller owns it
-        assert server.request_count("GET", "/api/payments/balance") == 2
+            _payments(payments)  # still open: the caller owns it
+        assert server.request_count("POST", "/api/stripe/checkout-sessions") == 2
     finally:
         transport.close()
 
