@@ -418,7 +418,8 @@ def test_models_are_dataclasses_with_contract_attributes() -> None:
         "session_id", "user_id", "application_id", "tier", "created_at", "expires_at",
         "last_activity", "wallets_count", "duration_minutes", "idle_minutes"}
     assert {f.name for f in dataclasses.fields(TokenPair)} == {
-        "access_token", "refresh_token", "expires_in", "token_type", "user"}
+        "access_token", "refresh_token", "expires_in", "token_type", "user",
+        "mfa_method", "recovery_codes_remaining"}  # the last two after an MFA sign-in
     assert {f.name for f in dataclasses.fields(StoredTokens)} == {
         "access_token", "refresh_token", "expires_at", "token_type"}
     assert dataclasses.is_dataclass(StoredTokens) and dataclasses.is_dataclass(Settings)
