@@ -51,18 +51,22 @@ if TYPE_CHECKING:
         Any,
         Callable,
         ClassVar,
-        Concatenate,
         Coroutine,
         Dict,
         List,
         Optional,
-        ParamSpec,
         Tuple,
         Type,
         TypeVar,
         Union,
     )
     from typing import Generic as _GenericBase
+
+    # Type checkers only: ParamSpec is 3.10+, and without it the async surface is Any.
+    if sys.version_info >= (3, 10):
+        from typing import Concatenate, ParamSpec
+    else:
+        from typing_extensions import Concatenate, ParamSpec
 
     _P = ParamSpec("_P")
     _T = TypeVar("_T")
@@ -704,7 +708,8 @@ _SECRET_HEADERS = frozenset(
 # Query parameters whose values are identifiers, not personal data, and help debugging.
 _PLAIN_QUERY_KEYS = frozenset(
     {"limit", "offset", "starting_after", "period", "format", "feature", "feature_key", "tier",
-     "start_date", "end_date", "cursor"}
+     "start_date", "end_date", "cursor", "status", "active", "category", "entitlement_key",
+     "resource_type", "include_expired", "include_revoked"}
 )
 
 
@@ -2082,6 +2087,19 @@ class SubscriptionDetail(_Model):
     items: List[Dict[str, Any]] = _field(default_factory=list)
     price_id: Optional[str] = None
 
+    @classmethod
+    def _prepare(cls, obj: Mapping[str, Any]) -> Mapping[str, Any]:
+        # SPAPS names the price only inside the first item, as Stripe does.
+        items = obj.get("items")
+        first = items[0] if isinstance(items, list) and items else None
+        price = first.get("price") if isinstance(first, dict) else None
+        if not isinstance(price, dict) or not isinstance(price.get("id"), str):
+            return obj
+        recurring = _object_at(price, "recurring")
+        return {"price_id": price["id"],
+                "plan": {"price_id": price["id"], "interval": recurring.get("interval")},
+                **obj}
+
 
 @_dataclass(repr=False, eq=False)
 class SubscriptionList(_Model):
@@ -2850,6 +2868,8 @@ class RedisTokenStorage(TokenStorage):
                  lock_wait: Optional[float] = None) -> None:
         if lock_timeout <= 0:
             raise ValueError("lock_timeout must be a positive number of seconds")
+        if lock_wait is not None and lock_wait < 0:
+            raise ValueError("lock_wait must be a number of seconds, 0 or more")
         self.client = client
         self.key = key
         self.lock_timeout = float(lock_timeout)
@@ -2891,18 +2911,23 @@ class _RedisLease:
 
     def __enter__(self) -> _RedisLease:
         storage = self.storage
-        if not storage._thread_lock.acquire(timeout=storage.lock_wait):
+        # One wait for both locks, and never past the budget of the call that needs them.
+        deadline = time.monotonic() + storage.lock_wait
+        budget = getattr(_CALL_BUDGET, "deadline", None)
+        if budget is not None and budget < deadline:
+            deadline = budget
+        if not storage._thread_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise TokenStorageError("timed out waiting for another thread's token refresh")
         try:
-            deadline = time.monotonic() + storage.lock_wait
             pause = 0.01
             while not storage._redis("take the refresh lock on", storage.client.set,
                                      storage.key + ":lock", self.owner, nx=True,
                                      px=int(storage.lock_timeout * 1000)):
                 if time.monotonic() >= deadline:
                     raise TokenStorageError(
-                        f"timed out after {storage.lock_wait:g} s waiting for the refresh "
-                        f"lock {storage.key + ':lock'!r} held by another process")
+                        f"timed out waiting for the refresh lock {storage.key + ':lock'!r} "
+                        "held by another process (a crashed holder's lease lapses after "
+                        f"lock_timeout={storage.lock_timeout:g} s)")
                 time.sleep(pause)
                 pause = min(pause * 2, 0.2)
         except BaseException:
@@ -2915,6 +2940,12 @@ class _RedisLease:
         try:
             storage._redis("release the refresh lock on", storage.client.eval,
                            RedisTokenStorage._RELEASE, 1, storage.key + ":lock", self.owner)
+        except TokenStorageError as exc:
+            # The work under the lock is done (and saved, or reported); an unreleased lease
+            # only lapses on its own, so this must not fail the call or mask its error.
+            import logging
+
+            logging.getLogger("spaps_client").warning("%s; it lapses by itself", exc)
         finally:
             storage._thread_lock.release()
 
@@ -2979,9 +3010,37 @@ class _StoredTokenSource(_TokenSource):
         self.storage = storage
         self.refresh = refresh
         self.lifetime: Optional[float] = None  # of access tokens, once a sign-in told us
+        # Tokens SPAPS issued that the storage refused to save: kept for this process, so
+        # that a broken storage never costs the session the server already opened.
+        self.unsaved: Optional[StoredTokens] = None
+        self._local_lock = _thread.RLock()
+
+    def load(self) -> Optional[StoredTokens]:
+        """The tokens to use: unsaved ones first, else the storage's."""
+        if self.unsaved is not None:
+            return _copy_tokens(self.unsaved)
+        return _storage_call(self.storage, "read tokens from", self.storage.load)
+
+    def save(self, tokens: StoredTokens) -> None:
+        """Save ``tokens``; if the storage fails, keep them in memory and say so."""
+        try:
+            _storage_call(self.storage, "save tokens to", self.storage.save, tokens)
+        except TokenStorageError as exc:
+            import logging
+
+            self.unsaved = _copy_tokens(tokens)
+            logging.getLogger("spaps_client").warning(
+                "%s; the session is kept in memory for this process only", exc)
+        else:
+            self.unsaved = None
+
+    def clear(self) -> None:
+        """Forget the tokens, in memory and in the storage."""
+        self.unsaved = None
+        _storage_call(self.storage, "clear tokens in", self.storage.clear)
 
     def current(self) -> Optional[str]:
-        tokens = self.storage.load()
+        tokens = self.load()
         if tokens is None:
             return None
         if self.refresh is not None and tokens.refresh_token and tokens.expires_within(
@@ -2995,12 +3054,12 @@ class _StoredTokenSource(_TokenSource):
         return tokens.access_token
 
     def peek(self) -> Optional[str]:
-        tokens = self.storage.load()
+        tokens = self.load()
         return tokens.access_token if tokens else None
 
     def known_secrets(self) -> List[str]:
         try:
-            tokens = self.storage.load()
+            tokens = self.load()
         except Exception:  # a broken storage must not hide the error being reported
             return []
         return [tokens.access_token, tokens.refresh_token or ""] if tokens else []
@@ -3008,15 +3067,18 @@ class _StoredTokenSource(_TokenSource):
     def after_rejection(self, rejected: str) -> Optional[str]:
         if self.refresh is None:
             return None
-        stored = self.storage.load()
+        stored = self.load()
         if stored is None or (stored.access_token == rejected and not stored.refresh_token):
             return None  # nothing to refresh with: the caller reports the original 401
         return self._refresh(rejected).access_token
 
     def _refresh(self, stale: str) -> StoredTokens:
         assert self.refresh is not None
-        with self.storage.lock():
-            tokens = self.storage.load()
+        # Tokens only this process holds (the storage failed to save them) need no lock
+        # shared with other processes, which a broken storage could not give anyway.
+        guard = self._local_lock if self.unsaved is not None else _StorageLock(self.storage)
+        with guard:
+            tokens = self.load()
             if tokens is None:
                 raise AuthError("no stored tokens to refresh; sign in again", status_code=401,
                                 error_code="NO_TOKENS", retryable=False)
@@ -3036,6 +3098,36 @@ class _StoredTokenSource(_TokenSource):
         if self.lifetime is None:
             return self.EXPIRY_MARGIN
         return min(self.EXPIRY_MARGIN, self.lifetime / 2)
+
+
+def _storage_call(storage: TokenStorage, what: str, call: Callable[..., _T], *args: Any) -> _T:
+    """``call(*args)``, with a failure of the storage raised as ``TokenStorageError``."""
+    try:
+        return call(*args)
+    except SpapsError:
+        raise
+    except Exception as exc:  # OSError from files, anything from a user's own storage
+        raise TokenStorageError(
+            f"could not {what} {storage!r}: {type(exc).__name__}: {exc} (check that the "
+            "storage is reachable and writable, or pass another token_storage=)") from exc
+
+
+class _StorageLock:
+    """``storage.lock()`` with its failures (a lock file in a read-only directory, Redis
+    down) raised as ``TokenStorageError``."""
+
+    def __init__(self, storage: TokenStorage) -> None:
+        self.storage = storage
+        self.held: Optional[AbstractContextManager[Any]] = None
+
+    def __enter__(self) -> None:
+        held = _storage_call(self.storage, "lock", self.storage.lock)
+        _storage_call(self.storage, "lock", held.__enter__)
+        self.held = held
+
+    def __exit__(self, *exc_info: Any) -> None:
+        assert self.held is not None
+        self.held.__exit__(*exc_info)
 
 
 class _Context:
@@ -3580,20 +3672,22 @@ class AuthClient(_Service):
 
     def get_stored_tokens(self) -> Optional[StoredTokens]:
         """The stored tokens (``None`` without storage or tokens)."""
-        return self.token_storage.load() if self.token_storage else None
+        tokens = self._ctx.tokens
+        return tokens.load() if isinstance(tokens, _StoredTokenSource) else None
 
     def clear_stored_tokens(self) -> None:
         """Forget the stored tokens."""
-        if self.token_storage is not None:
-            self.token_storage.clear()
+        tokens = self._ctx.tokens
+        if isinstance(tokens, _StoredTokenSource):
+            tokens.clear()
 
     def _store(self, access: str, refresh: Optional[str], expires_in: Optional[int],
                token_type: Optional[str]) -> None:
-        if self.token_storage is not None:
-            self.token_storage.save(_tokens_from(access, refresh, expires_in, token_type))
         tokens = self._ctx.tokens
-        if isinstance(tokens, _StoredTokenSource) and expires_in:
-            tokens.lifetime = float(expires_in)  # tells how early refreshing makes sense
+        if isinstance(tokens, _StoredTokenSource):
+            tokens.save(_tokens_from(access, refresh, expires_in, token_type))
+            if expires_in:
+                tokens.lifetime = float(expires_in)  # tells how early refreshing makes sense
 
     def _token_pair(self, reply: _Reply) -> TokenPair:
         data = reply.data()
@@ -3811,6 +3905,12 @@ class CryptoPaymentsClient(_Service):
         return reply.parse(CryptoReconcileJob, reply.data())
 
 
+def _subscription(reply: _Reply, subscription_id: str) -> SubscriptionDetail:
+    """A subscription reply, keeping the id asked for when the reply names none."""
+    return reply.parse(SubscriptionDetail, {"subscription_id": subscription_id,
+                                            **_unwrap(reply.data(), "subscription")})
+
+
 def _paging(**filters: Any) -> List[Tuple[str, str]]:
     """Query pairs for the filters that are set; booleans as ``true``/``false``."""
     return [(key, ("true" if value else "false") if isinstance(value, bool) else str(value))
@@ -3975,8 +4075,7 @@ class PaymentsClient(_Service):
         """Subscription ``subscription_id`` (``GET /api/stripe/subscription/{id}``)."""
         path = "/api/stripe/subscription/" + _segment(subscription_id, "subscription_id")
         reply = self._call("GET", path, token=access_token_override)
-        return reply.parse(SubscriptionDetail, {"subscription_id": subscription_id,
-                                                **_unwrap(reply.data(), "subscription")})
+        return _subscription(reply, subscription_id)
 
     def cancel_subscription(
         self,
@@ -4006,8 +4105,7 @@ class PaymentsClient(_Service):
                 + "/update")
         reply = self._call("POST", path, body={"price_id": price_id},
                            token=access_token_override)
-        return reply.parse(SubscriptionDetail, {"subscription_id": subscription_id,
-                                                **_unwrap(reply.data(), "subscription")})
+        return _subscription(reply, subscription_id)
 
     def list_subscriptions(self, *, status: Optional[str] = None, limit: Optional[int] = None,
                            offset: Optional[int] = None,
@@ -4203,8 +4301,8 @@ class UsageClient(_Service):
                     subject_user_id=self._subject(resource_type, subject_user_id,
                                                   access_token_override),
                     metadata=metadata, occurred_at=timestamp)}
-        reply = self._call("POST", "/api/usage/record", body=body, token=access_token_override,
-                           idempotency_key=idempotency_key)
+        reply = self._record(body, idempotency_key, access_token_override,
+                             own_authorization=authorization is not None)
         data = reply.data()
         totals = _object_at(data, "window_totals")
         current: Dict[str, Any] = {}
@@ -4223,6 +4321,23 @@ class UsageClient(_Service):
             current["used"] = used
         return reply.parse(UsageRecordResult, {
             "feature": feature, "quantity": quantity, "current_usage": current, **data})
+
+    def _record(self, body: Dict[str, Any], idempotency_key: str, token: Optional[str], *,
+                own_authorization: bool) -> _Reply:
+        """POST the record; when the client authorized it a moment ago, wait briefly for
+        the authorization to become visible (SPAPS stores it after answering)."""
+        pause = 0.05
+        for _ in range(3):
+            try:
+                return self._call("POST", "/api/usage/record", body=body, token=token,
+                                  idempotency_key=idempotency_key)
+            except UsageError as exc:
+                if not own_authorization or exc.error_code != "USAGE_AUTHORIZATION_EXPIRED":
+                    raise
+            time.sleep(pause)  # the record is keyed: sending it again cannot count twice
+            pause *= 2
+        return self._call("POST", "/api/usage/record", body=body, token=token,
+                          idempotency_key=idempotency_key)
 
     def _subject(self, resource_type: str, subject_user_id: Optional[str],
                  token: Optional[str]) -> Optional[str]:
@@ -4986,6 +5101,7 @@ class SpapsClient:
         self._owns_http = http_client is None
         self._http = http
         tokens = _StoredTokenSource(self._token_storage)
+        self._tokens = tokens
         self._ctx = _Context(http, http.base_url or self.settings.base_url,
                              self.settings.api_key, tokens)
         self._auth = AuthClient._attached(self._ctx)
@@ -4995,7 +5111,7 @@ class SpapsClient:
 
     def _refresh(self, refresh_token: str) -> StoredTokens:
         self._auth.refresh_tokens(refresh_token=refresh_token)
-        stored = self._token_storage.load()
+        stored = self._tokens.load()
         if stored is None:
             raise AuthError("token storage lost the refreshed tokens", status_code=500)
         return stored
@@ -5069,8 +5185,8 @@ class SpapsClient:
         return self._service(MetricsClient)
 
     def get_tokens(self) -> Optional[StoredTokens]:
-        """The stored tokens, or ``None``."""
-        return self._token_storage.load()
+        """The stored tokens, or ``None`` (tokens the storage failed to save count)."""
+        return self._tokens.load()
 
     def set_tokens(
         self,
@@ -5085,14 +5201,14 @@ class SpapsClient:
         tokens = _tokens_from(access_token, refresh_token, expires_in, token_type)
         if expires_at is not None:
             tokens.expires_at = expires_at
-        self._token_storage.save(tokens)
+        self._tokens.save(tokens)
 
     def clear_tokens(self) -> None:
         """Forget the stored tokens."""
-        self._token_storage.clear()
+        self._tokens.clear()
 
     def _require_tokens(self) -> None:
-        tokens = self._token_storage.load()
+        tokens = self._tokens.load()
         if tokens is None or not tokens.access_token:
             raise ValueError(
                 "No access token found: authenticate with client.auth (for example "

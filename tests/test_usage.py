@@ -390,3 +390,32 @@ def test_usage_needs_sign_in(server: MockServer, surface: str) -> None:
         client.usage  # noqa: B018 - the property itself refuses
 
     assert server.requests == []
+
+
+def test_record_waits_for_its_own_authorization_to_become_visible(
+        entitled: SpapsClient, server: MockServer) -> None:
+    # SPAPS stores an authorization after answering it: a record sent at once may find it
+    # missing. The client authorized it itself, so it sends the (keyed) record again.
+    expired = {"status": 409, "content_type": "application/json", "raw_body": (
+        '{"success":false,"error":{"code":"USAGE_AUTHORIZATION_EXPIRED",'
+        '"message":"Authorization not found or expired","details":{}}}')}
+    server.inject("POST", RECORD, expired, expired)
+    result = entitled.usage.record_usage(feature="api_calls", quantity=1)
+    records = posts(server, RECORD)
+    assert len(records) == 3 and result.replayed is False
+    assert len({r.json["idempotency_key"] for r in records}) == 1
+    assert used(entitled, "api_calls") == 1.0
+
+
+def test_record_with_a_given_authorization_reports_its_expiry(
+        entitled: SpapsClient, server: MockServer) -> None:
+    authorization = entitled.usage.authorize_usage(feature_key="api_calls",
+                                                   dimensions={"requests": 1})
+    server.inject("POST", RECORD, {"status": 409, "content_type": "application/json",
+                                   "raw_body": '{"success":false,"error":{"code":'
+                                   '"USAGE_AUTHORIZATION_EXPIRED","message":"expired"}}'})
+    with pytest.raises(UsageError) as caught:
+        entitled.usage.record_usage(feature="api_calls", dimensions={"requests": 1},
+                                    authorization_ref=authorization.authorization_ref)
+    assert caught.value.error_code == "USAGE_AUTHORIZATION_EXPIRED"
+    assert len(posts(server, RECORD)) == 1  # the caller's authorization: not ours to wait for
