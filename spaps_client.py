@@ -326,7 +326,11 @@ class Settings(_LazyDataclass):
         )
         if request_timeout is None:
             raw = os.environ.get("SPAPS_REQUEST_TIMEOUT")
-            request_timeout = float(raw) if raw else DEFAULT_TIMEOUT
+            try:
+                request_timeout = float(raw) if raw else DEFAULT_TIMEOUT
+            except ValueError:
+                raise SpapsConfigurationError(
+                    f"SPAPS_REQUEST_TIMEOUT must be a number of seconds, got {raw!r}") from None
         self.request_timeout = float(request_timeout)
 
 
@@ -2171,6 +2175,7 @@ class PaymentRecord(_Model):
     amount: Optional[int] = None
     currency: Optional[str] = None
     status: Optional[str] = None
+    description: Optional[str] = None
     created_at: Optional[datetime] = None
     stripe_payment_intent_id: Optional[str] = None
     metadata: Optional[Dict[str, Any]] = None
@@ -2192,6 +2197,8 @@ class SubscriptionCancellation(_Model):
     subscription_id: str = _field(metadata=_ID_ALIAS)
     status: Optional[str] = None
     cancel_at_period_end: Optional[bool] = None
+    canceled_at: Optional[datetime] = None
+    current_period_end: Optional[datetime] = None
 
 
 @_dataclass(repr=False, eq=False)
@@ -4243,8 +4250,8 @@ class UsageClient(_Service):
                         resource_id=resource_id,
                         subject_user_id=self._subject(resource_type, subject_user_id,
                                                       access_token_override))
-        reply = self._call("GET", "/api/usage/status", token=access_token_override,
-                           query=query)
+        reply = self._call("GET", "/api/usage/status", auth=_OPTIONAL_BEARER,
+                           token=access_token_override, query=query)
         return reply.parse(UsageAuthorization, reply.data())
 
     def record_usage(
@@ -5331,7 +5338,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     Exit codes: 0 success (healthy, ready); 1 SPAPS answered with an error or
     is not healthy/ready; 2 bad usage; 3 SPAPS unreachable (network, TLS,
-    timeout); 4 not signed in (no stored tokens, or they were rejected).
+    timeout); 4 not signed in (no stored tokens, or they were rejected). With
+    ``--json`` every outcome, errors included, is one JSON document on stdout.
     """
     import argparse
 
@@ -5344,6 +5352,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--timeout", type=float, help="seconds per call")
     parser.add_argument("--token-file", help="FileTokenStorage path (default: "
                         f"$SPAPS_TOKEN_FILE or {FileTokenStorage.DEFAULT_PATH})")
+    parser.add_argument("--allow-insecure-http", action="store_true",
+                        help="send credentials over plain http:// to a non-loopback host")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("command", choices=["health", "ready", "version", "whoami", "sessions"])
     try:
@@ -5356,26 +5366,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     storage = FileTokenStorage(path=args.token_file or os.environ.get("SPAPS_TOKEN_FILE"))
     try:
         client = SpapsClient(base_url=args.base_url, api_key=args.api_key,
-                             request_timeout=args.timeout, token_storage=storage)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
+                             request_timeout=args.timeout, token_storage=storage,
+                             allow_insecure_http=args.allow_insecure_http)
         with client:
-            return _run_command(client, args.command, args.json)
+            return _run_command(client, storage, args.command, args.json)
     except SpapsTransportError as exc:
-        print(f"error: SPAPS unreachable: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    except SpapsConfigurationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _print_error(args.json, EXIT_UNREACHABLE, f"SPAPS unreachable: {exc}", exc)
+    except (SpapsConfigurationError, ValueError) as exc:
+        return _print_error(args.json, EXIT_USAGE, str(exc).replace(
+            "allow_insecure_http=True", "--allow-insecure-http"))
     except SpapsError as exc:
-        print(f"error: {exc} (HTTP {exc.status_code}, code {exc.error_code}, "
-              f"request id {exc.request_id})", file=sys.stderr)
-        return EXIT_NOT_SIGNED_IN if exc.status_code == 401 else EXIT_FAILED
+        code = EXIT_NOT_SIGNED_IN if exc.status_code == 401 else EXIT_FAILED
+        return _print_error(args.json, code, str(exc), exc)
 
 
-def _run_command(client: SpapsClient, command: str, as_json: bool) -> int:
+def _run_command(client: SpapsClient, storage: FileTokenStorage, command: str,
+                 as_json: bool) -> int:
     import json
 
     if command in ("health", "ready"):
@@ -5389,8 +5395,10 @@ def _run_command(client: SpapsClient, command: str, as_json: bool) -> int:
                       + f" {json.dumps(document, sort_keys=True)}")
         return EXIT_OK if good else EXIT_FAILED
     if client.get_tokens() is None:
-        print(f"error: not signed in: no tokens in {client.token_storage!r}", file=sys.stderr)
-        return EXIT_NOT_SIGNED_IN
+        problem = (f"{storage.path} holds no readable tokens (damaged, or not a token file); "
+                   "sign in again" if os.path.exists(storage.path)
+                   else f"no tokens in {storage.path}")
+        return _print_error(as_json, EXIT_NOT_SIGNED_IN, f"not signed in: {problem}")
     if command == "whoami":
         user = client.auth.get_current_user()
         _print_result(as_json, user.model_dump(),
@@ -5404,14 +5412,39 @@ def _run_command(client: SpapsClient, command: str, as_json: bool) -> int:
             session.is_current = session.session_id in current
     lines = [f"{s.session_id}{' (current)' if s.is_current else ''} created {s.created_at:%c}"
              for s in listing.sessions]
-    _print_result(as_json, listing.model_dump(), "\n".join([*lines, f"{listing.total} sessions"]))
+    total = f"{listing.total} session" + ("" if listing.total == 1 else "s")
+    _print_result(as_json, listing.model_dump(), "\n".join([*lines, total]))
     return EXIT_OK
 
 
 def _print_result(as_json: bool, document: Any, text: str) -> None:
+    print(_as_json(document) if as_json else text)
+
+
+def _print_error(as_json: bool, exit_code: int, message: str,
+                 error: Optional[SpapsError] = None) -> int:
+    """Report a failure: a JSON document on stdout with ``--json``, else a line on stderr."""
+    facts = {"status_code": error.status_code, "error_code": error.error_code,
+             "request_id": error.request_id} if error is not None else {}
+    if as_json:
+        print(_as_json({"error": {"message": message, **facts, "exit_code": exit_code}}))
+        return exit_code
+    labels = {"status_code": "HTTP", "error_code": "code", "request_id": "request id"}
+    shown = [f"{labels[key]} {value}" for key, value in facts.items()
+             if value is not None and str(value) not in message]
+    print(f"error: {message}" + (f" ({', '.join(shown)})" if shown else ""), file=sys.stderr)
+    return exit_code
+
+
+def _as_json(document: Any) -> str:
     import json
 
-    print(json.dumps(document, default=str, indent=2) if as_json else text)
+    def encode(value: Any) -> Any:
+        if isinstance(value, datetime):
+            return value.isoformat()
+        return str(value)
+
+    return json.dumps(document, default=encode, indent=2)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import sys
 import threading
 import urllib.request
 import zipfile
+from datetime import datetime
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
@@ -722,7 +723,7 @@ def test_cli_whoami_and_sessions(server: MockServer, cli_home: str, token_file: 
     done = cli(cli_home, *common, "sessions")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert re.fullmatch(r"\d+ sessions", lines[-1])
+    assert re.fullmatch(r"1 session|\d+ sessions", lines[-1])
     assert len(lines) - 1 == int(lines[-1].split()[0]) >= 1
     assert any(line.startswith(current) for line in lines[:-1])
     assert all(re.match(UUID + r"( \(current\))? created ", line) for line in lines[:-1])
@@ -827,3 +828,60 @@ def test_changelog_sha256_matches_the_file() -> None:
     with open(SOURCE, "rb") as handle:
         actual = hashlib.sha256(handle.read()).hexdigest()
     assert listed and listed.group(1) == actual, f"CHANGELOG.md must list {actual}"
+
+
+# -----------------------------------------------------------------------------
+# CLI: errors a script can read, messages an operator can act on
+# -----------------------------------------------------------------------------
+
+
+def test_cli_json_errors_are_json_on_stdout(cli_home: str) -> None:
+    done = cli(cli_home, "--base-url", closed_port_url(), "--api-key", CLI_KEY, "--json",
+               "health")
+    assert done.returncode == 3
+    error = json.loads(done.stdout)["error"]
+    assert error["exit_code"] == 3 and error["message"].startswith("SPAPS unreachable: ")
+    assert set(error) == {"message", "status_code", "error_code", "request_id", "exit_code"}
+
+
+def test_cli_names_a_bad_timeout_variable(cli_home: str) -> None:
+    done = cli(cli_home, "--api-key", CLI_KEY, "health", SPAPS_REQUEST_TIMEOUT="soon")
+    assert done.returncode == 2
+    assert "SPAPS_REQUEST_TIMEOUT" in done.stderr and "'soon'" in done.stderr
+
+
+def test_cli_plain_http_refusal_names_its_flag(cli_home: str, token_file: str) -> None:
+    done = cli(cli_home, "--base-url", "http://spaps.example.invalid", "--api-key", CLI_KEY,
+               "--token-file", token_file, "whoami")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "--allow-insecure-http" in done.stderr and "allow_insecure_http" not in done.stderr
+
+
+def test_cli_damaged_token_file_is_not_called_missing(cli_home: str) -> None:
+    path = os.path.join(cli_home, "damaged.json")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("{not json")
+    done = cli(cli_home, "--api-key", CLI_KEY, "--token-file", path, "whoami")
+    assert done.returncode == 4
+    assert "no readable tokens" in done.stderr and path in done.stderr
+    assert "FileTokenStorage" not in done.stderr
+
+
+def test_cli_error_line_says_each_fact_once(server: MockServer, cli_home: str,
+                                            token_file: str) -> None:
+    server.inject("GET", "/api/auth/user", *[{"status": 503}] * 3)
+    done = cli(cli_home, "--base-url", server.url, "--api-key", CLI_KEY, "--token-file",
+               token_file, "whoami")
+    assert done.returncode == 1
+    line = done.stderr.strip()
+    assert line.startswith("error: ") and line.count("503") == 1, line
+
+
+def test_cli_json_datetimes_are_iso_8601(server: MockServer, cli_home: str,
+                                         token_file: str) -> None:
+    done = cli(cli_home, "--base-url", server.url, "--api-key", CLI_KEY, "--token-file",
+               token_file, "--json", "sessions")
+    assert done.returncode == 0, done.stderr
+    created = json.loads(done.stdout)["sessions"][0]["created_at"]
+    assert "T" in created and datetime.fromisoformat(created).tzinfo is not None
+
