@@ -136,7 +136,7 @@ from decimal import Decimal, InvalidOperation
 from email.utils import formatdate
 from types import FrameType
 from typing import Any, Callable, Deque, Dict, Mapping, Sequence, Tuple, cast
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 __all__ = [
     "ADMIN_EMAIL",
@@ -146,6 +146,7 @@ __all__ = [
     "MockServer",
     "RecordedRequest",
     "main",
+    "totp_code",
 ]
 
 # Needed at class-definition time (a default argument); the real server's JWT_EXPIRES_IN=1h.
@@ -155,6 +156,19 @@ _DEFAULT_ACCESS_TTL = 3600.0
 # =================================================================================================
 # Public API
 # =================================================================================================
+
+
+def totp_code(secret: str, at: float | None = None) -> str:
+    """The 6-digit RFC 6238 code (HMAC-SHA1, 30 s steps) of base32 ``secret`` at time ``at``.
+
+    ``at`` defaults to ``time.time()``; pass the emulator's clock (``MockServer(clock=...)``)
+    to get the code the emulator expects.  The emulator accepts the codes of the previous,
+    current and next step, but each step's code only once per account, and never a step at
+    or before the last one used (activation included): after ``activate_totp`` with the
+    code of ``t``, sign in with ``totp_code(secret, t + 30)``.
+    """
+    now = time.time() if at is None else at
+    return _hotp(secret, int(now // _TOTP_STEP))
 
 
 @dataclass(frozen=True)
@@ -406,6 +420,79 @@ class MockServer:
                 "currency": price.currency,
             }
 
+    def totp_code(self, secret: str, steps: int = 0) -> str:
+        """:func:`totp_code` at the emulator's clock, ``steps`` 30 s steps later (or earlier)."""
+        with self._lock:
+            now = self._store.now()
+        return totp_code(secret, now + steps * _TOTP_STEP)
+
+    def add_subscription(
+        self,
+        user_id: str,
+        price_id: str,
+        *,
+        status: str = "active",
+        subscription_id: str | None = None,
+        period_days: int = 30,
+    ) -> dict[str, Any]:
+        """Give ``user_id`` a Stripe subscription to seeded price ``price_id`` (see
+        :meth:`add_price`), so the ``/api/stripe/subscription(s)`` routes have one to show,
+        cancel and update (the real server reads them from Stripe webhooks).  The user also
+        becomes a Stripe customer, so ``POST /api/stripe/portal-session`` works for them."""
+        with self._lock:
+            store = self._store
+            if user_id not in store.users:
+                raise KeyError(user_id)
+            if price_id not in store.prices:
+                raise KeyError(price_id)
+            now = store.now()
+            sub = _Subscription(
+                id=subscription_id or "sub_test_" + secrets.token_hex(12),
+                user_id=user_id,
+                price_id=price_id,
+                status=status,
+                current_period_start=int(now),
+                current_period_end=int(now) + period_days * 86400,
+                created_at=now,
+            )
+            if sub.id in store.subscriptions:
+                raise ValueError(f"subscription {sub.id} exists")
+            store.subscriptions[sub.id] = sub
+            store.customers.add(user_id)
+            return sub.list_view()
+
+    def add_payment(
+        self,
+        user_id: str,
+        amount: int,
+        *,
+        currency: str = "usd",
+        status: str = "succeeded",
+        description: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Record a payment of ``amount`` minor units in ``user_id``'s Stripe history
+        (``GET /api/stripe/history``); the user also becomes a Stripe customer."""
+        if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
+            raise ValueError("amount must be an int >= 0 (minor currency units)")
+        with self._lock:
+            store = self._store
+            if user_id not in store.users:
+                raise KeyError(user_id)
+            payment: _Json = {
+                "id": _uuid(),
+                "amount": amount,
+                "currency": currency.lower(),
+                "status": status,
+                "description": description,
+                "created_at": _iso(store.now()),
+                "stripe_payment_intent_id": "pi_test_" + secrets.token_hex(12),
+                "metadata": dict(metadata or {}),
+            }
+            store.payments.append((user_id, payment))
+            store.customers.add(user_id)
+            return dict(payment)
+
     def expire_access_tokens(self) -> None:
         """Make every access token issued so far expired (later ones are unaffected)."""
         with self._lock:
@@ -567,6 +654,24 @@ _MAGIC_LINK_TTL = 3600.0
 _RESET_TTL = 3600.0
 _AUTHORIZATION_TTL = 300.0
 _CHECKOUT_TTL = 86400.0
+_TOTP_STEP = 30
+_MFA_CHALLENGE_TTL = 300.0
+_RECOVERY_CODES = 10
+_APPLICATION_NAME = "SPAPS emulator (local)"
+# GET /api/auth/methods of the real harness's application, as recorded.
+_AUTH_METHODS: tuple[tuple[str, bool, tuple[tuple[str, Any], ...]], ...] = (
+    ("password", True, ()),
+    ("magic_link", True, ()),
+    ("wallet:solana", True, (("chain_type", "solana"),)),
+    ("wallet:ethereum", True, (("chain_type", "ethereum"),)),
+    ("wallet:base", True, (("chain_type", "base"),)),
+    ("wallet:bitcoin", True, (("chain_type", "bitcoin"),)),
+    ("oidc:google", False, (("hashed_nonce_supported", False),)),
+    ("oidc:apple", False, (("hashed_nonce_supported", False),)),
+    ("oidc:github", False, (("hashed_nonce_supported", False),)),
+    ("webauthn", False, ()),
+    ("sms", True, (("provider", "console"),)),
+)
 _MAX_BODY = 10 * 1024 * 1024
 _USER_PERMISSIONS = ("approval_request.read", "approval_request.review", "view_products")
 _ADMIN_PERMISSIONS = (
@@ -663,6 +768,28 @@ def _is_uuid(value: object) -> bool:
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _hotp(secret: str, counter: int) -> str:
+    """RFC 4226 HOTP, 6 digits, HMAC-SHA1, of a base32 secret (padding and case optional)."""
+    cleaned = secret.strip().replace(" ", "").upper()
+    key = base64.b32decode(cleaned + "=" * (-len(cleaned) % 8))
+    digest = hmac.new(key, struct.pack(">Q", counter), hashlib.sha1).digest()
+    offset = digest[-1] & 0x0F
+    value = struct.unpack(">I", digest[offset : offset + 4])[0] & 0x7FFFFFFF
+    return f"{value % 1_000_000:06d}"
+
+
+def _parse_iso(value: Any) -> float | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.timestamp()
 
 
 def _drop_none(values: _Json) -> _Json:
@@ -899,6 +1026,12 @@ class _User:
     wallets: list[_Json]
     created_at: float
     is_admin: bool = False
+    # TOTP: a pending secret (enrolled, not activated), the active one, the last step whose
+    # code was accepted (codes of that step or earlier are refused), unused recovery codes.
+    totp_pending: str | None = None
+    totp_secret: str | None = None
+    totp_last_step: int = -1
+    recovery_codes: list[str] = field(default_factory=list)
 
     @property
     def roles(self) -> list[str]:
@@ -1019,31 +1152,46 @@ class _Invoice:
 @dataclass
 class _Entitlement:
     id: str
-    user_id: str
+    user_id: str | None
+    email: str | None
     key: str
     features: list[str]
     limits: dict[str, float]
     granted_by: str
-    reason: str
+    reason: str | None
     metadata: _Json
     created_at: float
+    starts_at: float
+    ends_at: float | None = None
+    resource_type: str = "user"
+    resource_id: str | None = None
     grant_id: str = field(default_factory=_uuid)
+    updated_at: float = 0.0
+    revoked_at: float | None = None
+    revoked_by: str | None = None
+    revoked_reason: str | None = None
+
+    def active(self, now: float) -> bool:
+        return (
+            self.revoked_at is None
+            and self.starts_at <= now
+            and (self.ends_at is None or self.ends_at > now)
+        )
 
     def public(self) -> _Json:
-        created = _iso(self.created_at)
         view: _Json = {
             "id": self.id,
             "application_id": APPLICATION_ID,
             "beneficiary_user_id": self.user_id,
-            "beneficiary_email": None,
+            "beneficiary_email": self.email,
             "entitlement_type": "access",
             "entitlement_key": self.key,
             "source": "manual",
-            "resource_type": "user",
-            "resource_id": None,
-            "starts_at": created,
-            "ends_at": None,
-            "revoked_at": None,
+            "resource_type": self.resource_type,
+            "resource_id": self.resource_id,
+            "starts_at": _iso(self.starts_at),
+            "ends_at": None if self.ends_at is None else _iso(self.ends_at),
+            "revoked_at": None if self.revoked_at is None else _iso(self.revoked_at),
             "suspended_at": None,
             "suspension_reason": None,
             "suspension_reference": None,
@@ -1057,13 +1205,59 @@ class _Entitlement:
             "manual_grant_id": self.grant_id,
             "manual_grant_reason": self.reason,
             "granted_by_user_id": self.granted_by,
-            "revoked_by_user_id": None,
-            "revoked_reason": None,
+            "revoked_by_user_id": self.revoked_by,
+            "revoked_reason": self.revoked_reason,
             "metadata": self.metadata,
-            "created_at": created,
-            "updated_at": created,
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at or self.created_at),
         }
         return view
+
+
+@dataclass
+class _MfaChallenge:
+    id: str
+    challenge: str
+    user_id: str
+    expires_at: float
+    used: bool = False
+
+
+@dataclass
+class _Subscription:
+    id: str
+    user_id: str
+    price_id: str
+    status: str
+    current_period_start: int
+    current_period_end: int
+    created_at: float
+    cancel_at_period_end: bool = False
+    canceled_at: int | None = None
+
+    def list_view(self) -> _Json:
+        # SubscriptionListItemOut (local database rows): ISO strings.
+        return {
+            "id": self.id,
+            "status": self.status,
+            "price_id": self.price_id,
+            "current_period_start": _iso(self.current_period_start),
+            "current_period_end": _iso(self.current_period_end),
+            "cancel_at_period_end": self.cancel_at_period_end,
+            "canceled_at": None if self.canceled_at is None else _iso(self.canceled_at),
+        }
+
+    def detail_view(self, price: _Json) -> _Json:
+        # SubscriptionOut (live from Stripe): epoch seconds and expanded items.
+        return {
+            "id": self.id,
+            "status": self.status,
+            "current_period_start": self.current_period_start,
+            "current_period_end": self.current_period_end,
+            "cancel_at_period_end": self.cancel_at_period_end,
+            "canceled_at": self.canceled_at,
+            "items": [{"id": "si_" + self.id.split("_")[-1], "price": price}],
+        }
 
 
 @dataclass
@@ -1110,6 +1304,10 @@ class _Store:
         self.messages: list[_Json] = []
         self.prices: dict[str, _Price] = {}
         self.checkout_sessions: list[tuple[str, _Json]] = []
+        self.mfa_challenges: dict[str, _MfaChallenge] = {}
+        self.subscriptions: dict[str, _Subscription] = {}
+        self.payments: list[tuple[str, _Json]] = []
+        self.customers: set[str] = set()
         self.checkout_by_key: dict[tuple[str, str], tuple[str, _Json]] = {}
         self.rate_buckets: dict[str, list[float]] = {}
         self.requests_total = 0
@@ -1310,7 +1508,28 @@ class _Store:
     # -- entitlements and usage --------------------------------------------------------------
 
     def user_entitlements(self, user_id: str) -> list[_Entitlement]:
-        return [e for e in self.entitlements if e.user_id == user_id]
+        """The user's active entitlements, newest first."""
+        now = self.now()
+        return [e for e in reversed(self.entitlements) if e.user_id == user_id and e.active(now)]
+
+    def check_totp(self, user: _User, secret: str, code: str) -> bool:
+        """RFC 6238 with one step of drift either way; a step's code works once."""
+        if not (len(code) == 6 and code.isdigit()):
+            return False
+        current = int(self.now() // _TOTP_STEP)
+        for step in (current - 1, current, current + 1):
+            if step > user.totp_last_step and hmac.compare_digest(_hotp(secret, step), code):
+                user.totp_last_step = step
+                return True
+        return False
+
+    def use_recovery_code(self, user: _User, code: str) -> bool:
+        wanted = code.strip().lower()
+        for stored in user.recovery_codes:
+            if hmac.compare_digest(stored.encode(), wanted.encode()):
+                user.recovery_codes.remove(stored)
+                return True
+        return False
 
     def feature_policy(self, user_id: str, feature_key: str) -> tuple[list[str], dict[str, float]]:
         """Entitlement keys naming ``feature_key`` and the limits they grant (largest wins)."""
@@ -1477,6 +1696,13 @@ class _Api:
         add("POST", "/api/auth/password-reset", _API_KEY, self.password_reset)
         add("POST", "/api/auth/reset-password-confirm", _API_KEY, self.password_reset_confirm)
         add("POST", "/api/auth/set-password", _BEARER, self.set_password)
+        add("GET", "/api/auth/methods", _API_KEY, self.auth_methods)
+        add("GET", "/api/auth/session-context", _BEARER, self.session_context)
+        # TOTP MFA
+        add("POST", "/api/auth/mfa/verify", _API_KEY, self.mfa_verify)
+        add("POST", "/api/auth/mfa/totp/enroll", _BEARER, self.totp_enroll)
+        add("POST", "/api/auth/mfa/totp/activate", _BEARER, self.totp_activate)
+        add("POST", "/api/auth/mfa/totp/disable", _BEARER, self.totp_disable)
         # Sessions
         add("GET", "/api/sessions/current", _BEARER, self.session_current)
         add("POST", "/api/sessions/validate", _BEARER, self.session_validate)
@@ -1487,6 +1713,11 @@ class _Api:
         # Admin set-up the real server requires before messages and usage work
         add("POST", "/api/users/memberships", _ADMIN, self.membership_add)
         add("POST", "/api/entitlements/manual", _ADMIN, self.entitlement_grant)
+        # Entitlements: lookups need only the API key
+        add("GET", "/api/entitlements/check", _API_KEY, self.entitlement_check)
+        add("GET", "/api/entitlements", _API_KEY, self.entitlement_list)
+        add("POST", "/api/entitlements/claim", _BEARER, self.entitlement_claim)
+        add("DELETE", "/api/entitlements/{entitlement_id}", _ADMIN, self.entitlement_revoke)
         # 0.1.2 payments: stubs on the real server
         for method, template in _PAYMENT_STUBS:
             add(method, template, _NO_AUTH, self.not_implemented)
@@ -1502,14 +1733,37 @@ class _Api:
         add("POST", "/api/payments/crypto/reconcile", _API_KEY, self.reconcile)
         # Stripe
         add("GET", "/api/stripe/products", _BEARER, self.stripe_products)
+        add("GET", "/api/stripe/products/{product_id}", _BEARER, self.stripe_product)
         add("POST", "/api/stripe/checkout-sessions", _BEARER, self.stripe_checkout)
         add("GET", "/api/stripe/checkout-sessions", _BEARER, self.stripe_checkout_list)
+        add("GET", "/api/stripe/checkout-sessions/{session_id}", _BEARER, self.stripe_checkout_get)
+        add(
+            "POST",
+            "/api/stripe/checkout-sessions/{session_id}/expire",
+            _BEARER,
+            self.stripe_checkout_expire,
+        )
         add("GET", "/api/stripe/subscriptions", _BEARER, self.stripe_subscriptions)
+        add("GET", "/api/stripe/subscription/{subscription_id}", _BEARER, self.stripe_subscription)
+        add(
+            "POST",
+            "/api/stripe/subscription/{subscription_id}/cancel",
+            _BEARER,
+            self.stripe_subscription_cancel,
+        )
+        add(
+            "POST",
+            "/api/stripe/subscription/{subscription_id}/update",
+            _BEARER,
+            self.stripe_subscription_update,
+        )
+        add("POST", "/api/stripe/portal-session", _BEARER, self.stripe_portal)
         add("GET", "/api/stripe/history", _BEARER, self.stripe_history)
         # Usage
         add("GET", "/api/usage/features", _BEARER, self.usage_features)
         add("POST", "/api/usage/authorize", _BEARER, self.usage_authorize)
-        add("GET", "/api/usage/status", _BEARER, self.usage_status)
+        # Measured: the API key is enough (no Bearer token needed).
+        add("GET", "/api/usage/status", _API_KEY, self.usage_status)
         add("POST", "/api/usage/record", _BEARER, self.usage_record)
         add("GET", "/api/usage/history", _BEARER, self.usage_history)
         # Whitelist
@@ -1672,9 +1926,164 @@ class _Api:
                 "Invalid email or password. Check your credentials, or use Forgot password to "
                 "reset.",
             )
+        if user.totp_secret is not None:
+            # A second factor is due: a challenge instead of tokens (POST /api/auth/mfa/verify).
+            now = self.store.now()
+            challenge = _MfaChallenge(
+                _uuid(), secrets.token_urlsafe(32), user.id, now + _MFA_CHALLENGE_TTL
+            )
+            self.store.mfa_challenges[challenge.id] = challenge
+            return _success(
+                ctx,
+                {
+                    "mfa_required": True,
+                    "challenge_id": challenge.id,
+                    "challenge": challenge.challenge,
+                    "expires_at": _iso(challenge.expires_at),
+                    "methods": ["totp", "recovery_code"],
+                },
+            )
         _, access, refresh = self.store.start_session(user, ctx)
         return _success(
             ctx, {**_token_pair(self.store, access, refresh), "user": _compact_user(user)}
+        )
+
+    # -- MFA ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _mfa_code_fields(body: _Json, names: Sequence[str], required: bool) -> None:
+        errors: dict[str, str] = {}
+        for name in names:
+            value = body.get(name)
+            if value is None:
+                if required:
+                    errors[name] = "Field required"
+            elif not isinstance(value, str):
+                errors[name] = _KIND_MESSAGES["str"]
+            elif len(value) < 6:
+                errors[name] = "String should have at least 6 characters"
+        if errors:
+            raise _fields_error(errors)
+
+    def mfa_verify(self, ctx: _Ctx) -> _Response:
+        body = ctx.json_body()
+        _check_fields(body, [("challenge_id", "str", True), ("challenge", "str", True)])
+        self._mfa_code_fields(body, ("code", "recovery_code"), False)
+        if (body.get("code") is None) == (body.get("recovery_code") is None):
+            raise _fields_error(
+                {"_root_": "Value error, Provide exactly one of code or recovery_code"}
+            )
+        store = self.store
+        record = store.mfa_challenges.get(body["challenge_id"])
+        if record is None:
+            raise _validation("Challenge not found")
+        if record.used:
+            raise _validation("Challenge replayed")
+        if not hmac.compare_digest(record.challenge.encode(), str(body["challenge"]).encode()):
+            raise _validation("Challenge mismatch")
+        if record.expires_at <= store.now():
+            raise _validation("Challenge expired")
+        user = store.users[record.user_id]
+        extra: _Json = {}
+        if body.get("code") is not None:
+            secret = user.totp_secret
+            if secret is None or not store.check_totp(user, secret, body["code"]):
+                # A wrong code leaves the challenge usable.
+                raise _ApiError(401, "INVALID_CREDENTIALS", "Invalid authenticator code")
+            extra["mfa_method"] = "totp"
+        else:
+            if not store.use_recovery_code(user, body["recovery_code"]):
+                raise _ApiError(401, "INVALID_CREDENTIALS", "Invalid recovery code")
+            extra["mfa_method"] = "recovery_code"
+            extra["recovery_codes_remaining"] = len(user.recovery_codes)
+        record.used = True
+        _, access, refresh = store.start_session(user, ctx)
+        return _success(
+            ctx,
+            {**_token_pair(store, access, refresh), "user": _compact_user(user), **extra},
+        )
+
+    def totp_enroll(self, ctx: _Ctx) -> _Response:
+        ctx.json_body(required=False)
+        user = ctx.user
+        if user.totp_secret is not None:
+            raise _validation(
+                "TOTP MFA is already enabled for this account. Disable it before re-enrolling."
+            )
+        # Every enrolment starts over with a new secret (160 bits, base32 as authenticators
+        # expect it).
+        secret = base64.b32encode(secrets.token_bytes(20)).decode("ascii")
+        user.totp_pending = secret
+        account = user.email or user.id
+        label = quote(_APPLICATION_NAME) + ":" + quote(account, safe="")
+        uri = f"otpauth://totp/{label}?secret={secret}&issuer={quote(_APPLICATION_NAME)}"
+        return _success(
+            ctx,
+            {
+                "secret": secret,
+                "provisioning_uri": uri,
+                "issuer": _APPLICATION_NAME,
+                "account_name": account,
+            },
+        )
+
+    def totp_activate(self, ctx: _Ctx) -> _Response:
+        body = ctx.json_body()
+        self._mfa_code_fields(body, ("code",), True)
+        user = ctx.user
+        if user.totp_secret is not None:
+            raise _validation("TOTP MFA is already enabled for this account")
+        pending = user.totp_pending
+        if pending is None:
+            raise _validation("No TOTP enrollment to activate. Start enrollment first.")
+        user.totp_last_step = -1
+        if not self.store.check_totp(user, pending, body["code"]):
+            raise _ApiError(401, "INVALID_CREDENTIALS", "Invalid authenticator code")
+        user.totp_secret, user.totp_pending = pending, None
+        user.recovery_codes = [
+            "-".join(secrets.token_hex(2) for _ in range(4)) for _ in range(_RECOVERY_CODES)
+        ]
+        return _success(
+            ctx,
+            {"recovery_codes": list(user.recovery_codes), "activated_at": _iso(self.store.now())},
+        )
+
+    def totp_disable(self, ctx: _Ctx) -> _Response:
+        body = ctx.json_body()
+        self._mfa_code_fields(body, ("code",), True)
+        user = ctx.user
+        secret = user.totp_secret
+        if secret is None:
+            raise _validation("TOTP MFA is not enabled for this account")
+        code: str = body["code"]
+        store = self.store
+        if not (store.check_totp(user, secret, code) or store.use_recovery_code(user, code)):
+            raise _ApiError(401, "INVALID_CREDENTIALS", "Invalid authenticator or recovery code")
+        user.totp_secret, user.totp_pending, user.recovery_codes = None, None, []
+        user.totp_last_step = -1
+        return _success(ctx, {"message": "TOTP MFA has been disabled"})
+
+    def auth_methods(self, ctx: _Ctx) -> _Response:
+        methods = [
+            {"method": name, "enabled": enabled, "config": dict(config)}
+            for name, enabled, config in _AUTH_METHODS
+        ]
+        return _success(ctx, {"methods": methods})
+
+    def session_context(self, ctx: _Ctx) -> _Response:
+        user = ctx.user
+        entitlements = [e.public() for e in self.store.user_entitlements(user.id)]
+        return _success(
+            ctx,
+            {
+                "user": _full_user(user),
+                "entitlements": entitlements,
+                "entitlements_count": len(entitlements),
+                "wallets": [dict(w) for w in user.wallets],
+                "tier": user.tier,
+                "mfa_enrolled": user.totp_secret is not None,
+                "methods_hint": "/api/auth/methods",
+            },
         )
 
     def refresh(self, ctx: _Ctx) -> _Response:
@@ -1991,15 +2400,27 @@ class _Api:
         _check_fields(
             body,
             [
-                ("beneficiary_user_id", "str", True),
                 ("entitlement_key", "str", True),
+                ("beneficiary_user_id", "str", False),
+                ("beneficiary_email", "str", False),
                 ("reason", "str", False),
                 ("metadata", "dict", False),
+                ("starts_at", "str", False),
+                ("ends_at", "str", False),
+                ("resource_type", "str", False),
+                ("resource_id", "str", False),
             ],
         )
-        user = self.store.users.get(body["beneficiary_user_id"])
-        if user is None:
-            raise _ApiError(404, "NOT_FOUND", f"User {body['beneficiary_user_id']} not found")
+        user_id = body.get("beneficiary_user_id") or None
+        email = body.get("beneficiary_email") or None
+        if user_id is None and email is None:
+            raise _ApiError(
+                400,
+                "NO_BENEFICIARY",
+                "Either beneficiary_user_id or beneficiary_email is required",
+            )
+        # Measured: the real server does not check that the beneficiary exists (an e-mail
+        # grant waits for POST /api/entitlements/claim).
         metadata: _Json = dict(body.get("metadata") or {})
         features = metadata.get("usage_features")
         if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
@@ -2010,19 +2431,121 @@ class _Api:
             for dim, value in raw_limits.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     limits[str(dim)] = float(value)
+        now = self.store.now()
         entitlement = _Entitlement(
             id=_uuid(),
-            user_id=user.id,
+            user_id=user_id,
+            email=email,
             key=body["entitlement_key"],
             features=list(features),
             limits=limits,
             granted_by=ctx.user.id,
-            reason=body.get("reason") or "",
+            reason=body.get("reason") or None,
             metadata=metadata,
-            created_at=self.store.now(),
+            created_at=now,
+            starts_at=_parse_iso(body.get("starts_at")) or now,
+            ends_at=_parse_iso(body.get("ends_at")),
+            resource_type=body.get("resource_type") or "user",
+            resource_id=body.get("resource_id"),
         )
         self.store.entitlements.append(entitlement)
         return _success(ctx, {"entitlement": entitlement.public()}, status=201)
+
+    def _entitlement_query(
+        self, ctx: _Ctx, missing: str, *, include_revoked: bool, include_expired: bool
+    ) -> list[_Entitlement]:
+        user_id = ctx.query_str("user_id") or None
+        email = ctx.query_str("email") or None
+        if user_id is None and email is None:
+            raise _validation(missing)
+        key = ctx.query_str("entitlement_key") or ctx.query_str("key") or None
+        resource_type = ctx.query_str("resource_type") or None
+        resource_id = ctx.query_str("resource_id") or None
+        if resource_type in ("company", "org", "project") and not resource_id:
+            raise _ApiError(
+                400,
+                "VALIDATION_FAILED",
+                "resource_id is required when resource_type is 'company', 'org', or 'project'",
+            )
+        now = self.store.now()
+        found = []
+        for ent in reversed(self.store.entitlements):
+            # Measured: an e-mail lookup finds only grants made to that e-mail.
+            if user_id is not None:
+                if ent.user_id != user_id:
+                    continue
+            elif (ent.email or "").lower() != str(email).lower():
+                continue
+            if key is not None and ent.key != key:
+                continue
+            if resource_type is not None and ent.resource_type != resource_type:
+                continue
+            if resource_id is not None and ent.resource_id != resource_id:
+                continue
+            if ent.revoked_at is not None and not include_revoked:
+                continue
+            expired = ent.ends_at is not None and ent.ends_at <= now
+            if expired and not include_expired:
+                continue
+            found.append(ent)
+        return found
+
+    def entitlement_check(self, ctx: _Ctx) -> _Response:
+        found = self._entitlement_query(
+            ctx,
+            "Either user_id or email is required",
+            include_revoked=False,
+            include_expired=False,
+        )
+        now = self.store.now()
+        active = [e for e in found if e.active(now)]
+        return _success(
+            ctx,
+            {"has_entitlement": bool(active), "entitlements": [e.public() for e in active]},
+        )
+
+    def entitlement_list(self, ctx: _Ctx) -> _Response:
+        limit = ctx.query_int("limit", 50, minimum=1)
+        offset = ctx.query_int("offset", 0)
+        found = self._entitlement_query(
+            ctx,
+            "Either user_id or email query parameter is required",
+            include_revoked=ctx.query_str("include_revoked") in ("true", "1"),
+            include_expired=ctx.query_str("include_expired") in ("true", "1"),
+        )
+        page = [e.public() for e in found[offset : offset + limit]]
+        # Measured: count is the size of this page, not of the whole result.
+        return _success(ctx, {"entitlements": page, "count": len(page)})
+
+    def entitlement_revoke(self, ctx: _Ctx) -> _Response:
+        wanted = ctx.params["entitlement_id"]
+        entitlement = next((e for e in self.store.entitlements if e.id == wanted), None)
+        if entitlement is None:
+            raise _ApiError(404, "NOT_FOUND", "Entitlement not found")
+        if entitlement.revoked_at is not None:
+            raise _ApiError(400, "ALREADY_REVOKED", "Entitlement is already revoked")
+        now = self.store.now()
+        entitlement.revoked_at = entitlement.updated_at = now
+        entitlement.revoked_by = ctx.user.id
+        entitlement.revoked_reason = ctx.query_str("reason") or None
+        return _Response(204)
+
+    def entitlement_claim(self, ctx: _Ctx) -> _Response:
+        body = ctx.json_body(required=False)
+        _check_fields(body, [("email", "str", False), ("user_id", "str", False)])
+        user = ctx.user
+        now = self.store.now()
+        claimed = []
+        for ent in self.store.entitlements:
+            if (
+                ent.user_id is None
+                and user.email is not None
+                and (ent.email or "").lower() == user.email.lower()
+                and ent.revoked_at is None
+            ):
+                ent.user_id, ent.updated_at = user.id, now
+                claimed.append(ent.public())
+        return _success(ctx, {"claimed": claimed, "count": len(claimed)})
 
     # -- payments ----------------------------------------------------------------------------
 
@@ -2093,22 +2616,137 @@ class _Api:
 
     # -- stripe ------------------------------------------------------------------------------
 
-    def stripe_products(self, ctx: _Ctx) -> _Response:
+    def _price_view(self, price: _Price) -> _Json:
+        # PriceOut in openapi-0.6.6.json
+        return {
+            "id": price.id,
+            "currency": price.currency,
+            "type": "recurring" if price.recurring_interval else "one_time",
+            "unit_amount": price.unit_amount,
+            "recurring": (
+                {"interval": price.recurring_interval, "interval_count": 1}
+                if price.recurring_interval
+                else None
+            ),
+            "nickname": None,
+            "product_id": price.product_id,
+            "active": True,
+        }
+
+    def _products(self) -> dict[str, _Json]:
+        # ProductOut in openapi-0.6.6.json; the first seeded price is the default.
         products: dict[str, _Json] = {}
         for price in self.store.prices.values():
+            view = self._price_view(price)
             product = products.setdefault(
                 price.product_id,
-                {"id": price.product_id, "name": price.product_name, "active": True, "prices": []},
-            )
-            product["prices"].append(
                 {
-                    "id": price.id,
-                    "unit_amount": price.unit_amount,
-                    "currency": price.currency,
-                    "recurring_interval": price.recurring_interval,
-                }
+                    "id": price.product_id,
+                    "name": price.product_name,
+                    "description": None,
+                    "active": True,
+                    "application_id": APPLICATION_ID,
+                    "default_price": view,
+                    "prices": [],
+                    "images": [],
+                    "metadata": {},
+                    "created_at": int(self.store.started_at),
+                },
             )
-        return _success(ctx, {"products": list(products.values()), "total": len(products)})
+            product["prices"].append(view)
+        return products
+
+    def stripe_products(self, ctx: _Ctx) -> _Response:
+        limit = ctx.query_int("limit", 50, minimum=1)
+        offset = ctx.query_int("offset", 0)
+        products = list(self._products().values())
+        if ctx.query_str("active") == "false":
+            products = []
+        return _success(
+            ctx, {"products": products[offset : offset + limit], "total": len(products)}
+        )
+
+    def stripe_product(self, ctx: _Ctx) -> _Response:
+        product = self._products().get(ctx.params["product_id"])
+        if product is None:
+            raise _ApiError(404, "PRODUCT_NOT_FOUND", "Product not found")
+        return _success(ctx, product)
+
+    def _checkout_session(self, ctx: _Ctx) -> _Json:
+        wanted = ctx.params["session_id"]
+        for owner, session in self.store.checkout_sessions:
+            if owner == ctx.user.id and session["id"] == wanted:
+                return session
+        raise _ApiError(404, "SESSION_NOT_FOUND", "Checkout session not found")
+
+    def stripe_checkout_get(self, ctx: _Ctx) -> _Response:
+        return _success(ctx, dict(self._checkout_session(ctx)))
+
+    def stripe_checkout_expire(self, ctx: _Ctx) -> _Response:
+        ctx.json_body(required=False)
+        session = self._checkout_session(ctx)
+        if session["status"] == "open":
+            session["status"] = "expired"
+            session["expires_at"] = _iso(self.store.now())
+        return _success(ctx, dict(session))
+
+    def _subscription(self, ctx: _Ctx) -> _Subscription:
+        sub = self.store.subscriptions.get(ctx.params["subscription_id"])
+        if sub is None or sub.user_id != ctx.user.id:
+            raise _ApiError(
+                404, "SUBSCRIPTION_NOT_FOUND", "Subscription not found in local database"
+            )
+        return sub
+
+    def _subscription_detail(self, sub: _Subscription) -> _Json:
+        price = self.store.prices.get(sub.price_id)
+        view = (
+            self._price_view(price)
+            if price is not None
+            else {"id": sub.price_id, "currency": "usd", "type": "recurring"}
+        )
+        return sub.detail_view(view)
+
+    def stripe_subscription(self, ctx: _Ctx) -> _Response:
+        return _success(ctx, self._subscription_detail(self._subscription(ctx)))
+
+    def stripe_subscription_cancel(self, ctx: _Ctx) -> _Response:
+        body = ctx.json_body(required=False)
+        _check_fields(body, [("immediately", "bool", False)])
+        sub = self._subscription(ctx)
+        if body.get("immediately"):
+            sub.status, sub.canceled_at = "canceled", int(self.store.now())
+            sub.cancel_at_period_end = False
+        else:
+            sub.cancel_at_period_end = True
+        return _success(ctx, self._subscription_detail(sub))
+
+    def stripe_subscription_update(self, ctx: _Ctx) -> _Response:
+        body = ctx.json_body()
+        _check_fields(body, [("price_id", "str", True)])
+        sub = self._subscription(ctx)
+        if body["price_id"] not in self.store.prices:
+            raise _ApiError(404, "PRICE_NOT_FOUND", "Price not found")
+        sub.price_id = body["price_id"]
+        return _success(ctx, self._subscription_detail(sub))
+
+    def stripe_portal(self, ctx: _Ctx) -> _Response:
+        body = ctx.json_body()
+        value = body.get("return_url")
+        if isinstance(value, str) and not value.startswith(("http://", "https://")):
+            raise _validation("return_url must use http:// or https://")
+        _check_fields(body, [("return_url", "str", True)])
+        if ctx.user.id not in self.store.customers:
+            raise _ApiError(404, "SESSION_NOT_FOUND", "No Stripe customer found for this user")
+        session_id = "bps_test_" + secrets.token_hex(12)
+        return _success(
+            ctx,
+            {
+                "id": session_id,
+                "url": f"https://billing.stripe.com/p/session/{session_id}",
+                "return_url": body["return_url"],
+            },
+        )
 
     def stripe_checkout(self, ctx: _Ctx) -> _Response:
         body = ctx.json_body()
@@ -2195,6 +2833,7 @@ class _Api:
             "created_at": _iso(now),
         }
         self.store.checkout_sessions.append((ctx.user.id, session))
+        self.store.customers.add(ctx.user.id)
         if idempotency_key:
             self.store.checkout_by_key[(ctx.user.id, idempotency_key)] = (
                 ctx.body.decode("utf-8", "replace"),
@@ -2210,10 +2849,35 @@ class _Api:
         return _success(ctx, {"sessions": page, "has_more": offset + len(page) < len(mine)})
 
     def stripe_subscriptions(self, ctx: _Ctx) -> _Response:
-        return _success(ctx, {"subscriptions": [], "has_more": False})
+        limit = ctx.query_int("limit", 50, minimum=1)
+        offset = ctx.query_int("offset", 0)
+        status = ctx.query_str("status") or None
+        mine = [
+            sub.list_view()
+            for sub in reversed(list(self.store.subscriptions.values()))
+            if sub.user_id == ctx.user.id and (status is None or sub.status == status)
+        ]
+        page = mine[offset : offset + limit]
+        return _success(ctx, {"subscriptions": page, "has_more": offset + len(page) < len(mine)})
 
     def stripe_history(self, ctx: _Ctx) -> _Response:
-        return _success(ctx, {"payments": [], "has_more": False, "total_count": 0})
+        limit = ctx.query_int("limit", 50, minimum=1)
+        offset = ctx.query_int("offset", 0)
+        status = ctx.query_str("status") or None
+        mine = [
+            dict(payment)
+            for owner, payment in reversed(self.store.payments)
+            if owner == ctx.user.id and (status is None or payment["status"] == status)
+        ]
+        page = mine[offset : offset + limit]
+        return _success(
+            ctx,
+            {
+                "payments": page,
+                "has_more": offset + len(page) < len(mine),
+                "total_count": len(mine),
+            },
+        )
 
     # -- usage -------------------------------------------------------------------------------
 
@@ -2221,7 +2885,10 @@ class _Api:
         # Measured: the catalogue is application-wide (a user without any grant sees it too);
         # the latest grant naming a feature sets its advertised limits.
         features: dict[str, _Json] = {}
+        now = self.store.now()
         for ent in self.store.entitlements:
+            if not ent.active(now):
+                continue
             for key in ent.features:
                 previous = features.get(key)
                 keys = set(previous["active_entitlements"]) if previous else set()
@@ -2231,10 +2898,12 @@ class _Api:
                     "dimensions": sorted(ent.limits) or ["requests"],
                     "active": True,
                     "policy_key": f"{key}_default",
-                    "limits": dict(ent.limits),
+                    # Measured: null for a grant without metadata.usage_limits.
+                    "limits": dict(ent.limits) if ent.limits else None,
                     "active_entitlements": sorted(keys | {ent.key}),
                 }
-        return _success(ctx, {"features": list(features.values())})
+        # Measured: the real catalogue is ordered by feature_key.
+        return _success(ctx, {"features": [features[k] for k in sorted(features)]})
 
     def _decision(
         self, body: Mapping[str, Any], requested: Mapping[str, Any], *, from_body: bool

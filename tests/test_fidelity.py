@@ -17,11 +17,16 @@ The real server's database persists across runs, so every scenario uses fresh ``
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import http.client
 import json
 import shutil
+import struct
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -51,6 +56,12 @@ UA_B = "spaps-fidelity/1.0 (client B)"
 # path into the response such as "status" or "data.invoice.expires_at".  Against 0.6.6 every
 # compared call matches, so it is empty; a new entry needs a reason the docs repeat.
 ALLOWED: dict[tuple[str, str, str], str] = {
+    ("usage", "features", "data.features[0].limits"): (
+        "the catalogue is application-wide and ordered by feature_key, so its first item on "
+        "the persistent real server is whatever earlier runs granted first in that order "
+        "(often a grant without metadata.usage_limits: limits null); both serve null for such "
+        "a grant and an object of limits otherwise"
+    ),
     ("usage", "history", "data.next_offset"): (
         "an int once a page is full, else null: the real server's persistent database holds "
         "every earlier run's events, the fresh emulator only this run's"
@@ -74,6 +85,23 @@ NOT_COMPARED: dict[str, str] = {
     "expired access token": (
         "1 h on the real server, not provokable within a run; the emulator answers 401 "
         "INVALID_TOKEN 'Invalid or expired access token' like a bad token"
+    ),
+    "MFA challenge expiry": (
+        "5 min on both; not provokable within a run on the real server (the emulator answers "
+        "400 VALIDATION_ERROR 'Challenge expired' once its clock passes expires_at)"
+    ),
+    "GET /api/entitlements/check?user_id=<not a UUID>, DELETE /api/entitlements/<not a UUID>": (
+        "the real 0.6.6 answers 500 text/plain 'Internal Server Error' (server bug); the emulator "
+        "treats the value as an unknown id (no match / 404 NOT_FOUND)"
+    ),
+    "Stripe success paths (GET/expire a checkout session, subscriptions, portal, history)": (
+        "need a Stripe account on the real server, so only their 404s and validation are "
+        "compared; the emulator serves them for seeded data (add_price, add_subscription, "
+        "add_payment) in the openapi-0.6.6.json shapes (tests/test_stripe.py)"
+    ),
+    "GET /api/stripe/payment/{payment_id}": (
+        "the real 0.6.6 answers 500 for an unknown id; the client does not call it and the "
+        "emulator does not serve it"
     ),
     "429 RATE_LIMIT_EXCEEDED": (
         "the real harness exempts loopback; the emulator's rate_limit=True copies the recorded "
@@ -175,6 +203,21 @@ class Target:
             step, "POST", "/api/auth/login", {"email": email, "password": password}, ua=ua
         )
         assert reply.status == 200, (self.name, reply.body)
+        return reply
+
+    def poll(
+        self, step: str, method: str, path: str, until: Callable[[Reply], bool], **kw: Any
+    ) -> Reply:
+        """Repeat a read until ``until`` holds (bounded): the real server commits after it
+        replies, so a read straight after a write may not see it yet.  Only the last attempt
+        stays in ``steps``."""
+        reply = self.call(step, method, path, **kw)
+        for _ in range(40):
+            if until(reply):
+                break
+            self.steps.pop()
+            time.sleep(0.05)
+            reply = self.call(step, method, path, **kw)
         return reply
 
     def admin_token(self) -> str:
@@ -830,7 +873,13 @@ def test_crypto_invoices(pair: tuple[Target, Target]) -> None:
         }
         invoice = t.call("create", "POST", "/api/payments/crypto/invoices", body, token=token)
         invoice_id = invoice.data["invoice"]["id"]
-        t.call("get", "GET", f"/api/payments/crypto/invoices/{invoice_id}", token=token)
+        t.poll(
+            "get",
+            "GET",
+            f"/api/payments/crypto/invoices/{invoice_id}",
+            lambda r: r.status == 200,
+            token=token,
+        )
         t.call("status", "GET", f"/api/payments/crypto/invoices/{invoice_id}/status", token=token)
         t.call("get_without_jwt", "GET", f"/api/payments/crypto/invoices/{invoice_id}")
         t.call("get_unknown", "GET", f"/api/payments/crypto/invoices/{uuid.uuid4()}", token=token)
@@ -1058,3 +1107,409 @@ def _checkout_with_seeded_price(emulator: MockServer) -> None:
         "created_at",
     } == set(reply.data)
     assert reply.data["amount_total"] == 3000
+
+
+# =================================================================================================
+# MFA, entitlements, Stripe reads (added with the client's MFA / Stripe / entitlements support)
+# =================================================================================================
+
+
+def _totp(secret: str, step: int) -> str:
+    """RFC 6238 code of ``secret`` for step number ``step`` (independent of spaps_mock)."""
+    key = base64.b32decode(secret + "=" * (-len(secret) % 8))
+    digest = hmac.new(key, struct.pack(">Q", step), hashlib.sha1).digest()
+    offset = digest[-1] & 15
+    value = struct.unpack(">I", digest[offset : offset + 4])[0] & 0x7FFFFFFF
+    return f"{value % 10**6:06d}"
+
+
+def test_totp_mfa(pair: tuple[Target, Target]) -> None:
+    def scenario(t: Target) -> None:
+        reg, email = t.register()
+        token = reg.data["tokens"]["access_token"]
+        login_body = {"email": email, "password": PASSWORD}
+        context = t.call("context_before", "GET", "/api/auth/session-context", token=token)
+        assert context.data["mfa_enrolled"] is False
+        t.call(
+            "activate_unenrolled",
+            "POST",
+            "/api/auth/mfa/totp/activate",
+            {"code": "123456"},
+            token=token,
+        )
+        t.call(
+            "disable_unenrolled",
+            "POST",
+            "/api/auth/mfa/totp/disable",
+            {"code": "123456"},
+            token=token,
+        )
+        t.call("enroll_no_token", "POST", "/api/auth/mfa/totp/enroll")
+        t.call("enroll_first", "POST", "/api/auth/mfa/totp/enroll", token=token)
+        enrolled = t.call("enroll", "POST", "/api/auth/mfa/totp/enroll", {}, token=token)
+        secret = enrolled.data["secret"]
+        assert enrolled.data["provisioning_uri"].startswith("otpauth://totp/")
+        t.call("activate_missing_code", "POST", "/api/auth/mfa/totp/activate", {}, token=token)
+        t.call(
+            "activate_short_code",
+            "POST",
+            "/api/auth/mfa/totp/activate",
+            {"code": "12"},
+            token=token,
+        )
+        step = int(time.time() // 30)
+        wrong = f"{(int(_totp(secret, step)) + 1) % 10**6:06d}"
+        t.poll(
+            "activate_wrong_code",
+            "POST",
+            "/api/auth/mfa/totp/activate",
+            lambda r: r.status == 401,  # the enrolment may not be committed yet
+            body={"code": wrong},
+            token=token,
+        )
+        activated = t.call(
+            "activate",
+            "POST",
+            "/api/auth/mfa/totp/activate",
+            {"code": _totp(secret, step)},
+            token=token,
+        )
+        codes = activated.data["recovery_codes"]
+        assert len(codes) == 10, (t.name, codes)
+        t.call(
+            "activate_again",
+            "POST",
+            "/api/auth/mfa/totp/activate",
+            {"code": _totp(secret, step + 1)},
+            token=token,
+        )
+        t.call("enroll_when_enabled", "POST", "/api/auth/mfa/totp/enroll", token=token)
+        t.poll(
+            "context_enrolled",
+            "GET",
+            "/api/auth/session-context",
+            lambda r: r.data["mfa_enrolled"] is True,
+            token=token,
+        )
+        challenge = t.call("login_challenge", "POST", "/api/auth/login", login_body).data
+        assert challenge["mfa_required"] is True and "access_token" not in challenge
+        verify = {"challenge_id": challenge["challenge_id"], "challenge": challenge["challenge"]}
+        # (polled: the challenge may not be committed when the login reply arrives)
+        t.poll(
+            "verify_wrong_code",
+            "POST",
+            "/api/auth/mfa/verify",
+            lambda r: r.status == 401,
+            body={**verify, "code": wrong},
+        )
+        t.call(
+            "verify_activation_step_code",
+            "POST",
+            "/api/auth/mfa/verify",
+            {**verify, "code": _totp(secret, step)},
+        )
+        signed = t.call(
+            "verify", "POST", "/api/auth/mfa/verify", {**verify, "code": _totp(secret, step + 1)}
+        )
+        assert signed.data["mfa_method"] == "totp", (t.name, signed.body)
+        t.call("user_after_verify", "GET", "/api/auth/user", token=signed.data["access_token"])
+        t.call(
+            "verify_replayed",
+            "POST",
+            "/api/auth/mfa/verify",
+            {**verify, "code": _totp(secret, step + 1)},
+        )
+        second = t.call("login_second", "POST", "/api/auth/login", login_body).data
+        verify2 = {"challenge_id": second["challenge_id"], "challenge": second["challenge"]}
+        t.poll(
+            "verify_code_already_used",
+            "POST",
+            "/api/auth/mfa/verify",
+            lambda r: r.status == 401,
+            body={**verify2, "code": _totp(secret, step + 1)},
+        )
+        t.call(
+            "verify_mismatch",
+            "POST",
+            "/api/auth/mfa/verify",
+            {**verify2, "challenge": "x", "code": "123456"},
+        )
+        t.call(
+            "verify_unknown_challenge",
+            "POST",
+            "/api/auth/mfa/verify",
+            {**verify2, "challenge_id": str(uuid.uuid4()), "code": "123456"},
+        )
+        t.call("verify_neither", "POST", "/api/auth/mfa/verify", verify2)
+        t.call(
+            "verify_both",
+            "POST",
+            "/api/auth/mfa/verify",
+            {**verify2, "code": "123456", "recovery_code": codes[0]},
+        )
+        t.call(
+            "verify_short_recovery",
+            "POST",
+            "/api/auth/mfa/verify",
+            {**verify2, "recovery_code": "abc"},
+        )
+        t.call("verify_empty", "POST", "/api/auth/mfa/verify", {})
+        t.call(
+            "verify_no_key", "POST", "/api/auth/mfa/verify", {**verify2, "code": "123456"}, key=None
+        )
+        recovered = t.call(
+            "verify_recovery",
+            "POST",
+            "/api/auth/mfa/verify",
+            {**verify2, "recovery_code": codes[0]},
+        )
+        assert recovered.data["recovery_codes_remaining"] == 9, (t.name, recovered.body)
+        third = t.call("login_third", "POST", "/api/auth/login", login_body).data
+        t.poll(
+            "verify_recovery_reused",
+            "POST",
+            "/api/auth/mfa/verify",
+            lambda r: r.status == 401,
+            body={
+                "challenge_id": third["challenge_id"],
+                "challenge": third["challenge"],
+                "recovery_code": codes[0],
+            },
+        )
+        t.call("disable_wrong", "POST", "/api/auth/mfa/totp/disable", {"code": wrong}, token=token)
+        t.call(
+            "disable_used_code",
+            "POST",
+            "/api/auth/mfa/totp/disable",
+            {"code": _totp(secret, step + 1)},
+            token=token,
+        )
+        t.call("disable_missing_code", "POST", "/api/auth/mfa/totp/disable", {}, token=token)
+        t.call("disable", "POST", "/api/auth/mfa/totp/disable", {"code": codes[1]}, token=token)
+        t.call(
+            "disable_again", "POST", "/api/auth/mfa/totp/disable", {"code": codes[2]}, token=token
+        )
+        t.poll(
+            "context_after_disable",
+            "GET",
+            "/api/auth/session-context",
+            lambda r: r.data["mfa_enrolled"] is False,
+            token=token,
+        )
+        t.login("login_after_disable", email)
+        t.call("methods", "GET", "/api/auth/methods")
+        t.call("methods_with_token", "GET", "/api/auth/methods", token=token)
+        t.call("methods_no_key", "GET", "/api/auth/methods", key=None)
+        t.call("context_no_token", "GET", "/api/auth/session-context")
+
+    run("mfa", pair, scenario)
+
+
+def test_entitlements(pair: tuple[Target, Target]) -> None:
+    def scenario(t: Target) -> None:
+        reg, email = t.register()
+        uid = reg.data["user"]["id"]
+        token = reg.data["tokens"]["access_token"]
+        admin = t.admin_token()
+        key = f"fid_{uuid.uuid4().hex[:10]}"
+        check = f"/api/entitlements/check?user_id={uid}&entitlement_key={key}"
+        listing = f"/api/entitlements?user_id={uid}"
+        grant = {"beneficiary_user_id": uid, "entitlement_key": key, "reason": "fidelity"}
+        t.call("check_before", "GET", check)
+        t.call("check_no_key", "GET", check, key=None)
+        t.call("check_with_token", "GET", check, token=token)
+        t.call("check_no_user", "GET", f"/api/entitlements/check?entitlement_key={key}")
+        t.call("check_company_without_resource", "GET", check + "&resource_type=company")
+        t.call("list_before", "GET", listing)
+        t.call("list_no_user", "GET", "/api/entitlements")
+        t.call("grant_as_user", "POST", "/api/entitlements/manual", grant, token=token)
+        t.call("grant_no_token", "POST", "/api/entitlements/manual", grant)
+        granted = t.call("grant", "POST", "/api/entitlements/manual", grant, token=admin)
+        entitlement_id = granted.data["entitlement"]["id"]
+        t.call(
+            "grant_by_email",
+            "POST",
+            "/api/entitlements/manual",
+            {"beneficiary_email": email, "entitlement_key": key + "_e"},
+            token=admin,
+        )
+        t.call(
+            "grant_unknown_user",
+            "POST",
+            "/api/entitlements/manual",
+            {**grant, "beneficiary_user_id": str(uuid.uuid4())},
+            token=admin,
+        )
+        t.call(
+            "grant_no_beneficiary",
+            "POST",
+            "/api/entitlements/manual",
+            {"entitlement_key": key},
+            token=admin,
+        )
+        t.call(
+            "grant_missing_key",
+            "POST",
+            "/api/entitlements/manual",
+            {"beneficiary_user_id": uid},
+            token=admin,
+        )
+        t.poll("check_after_grant", "GET", check, lambda r: r.data["has_entitlement"] is True)
+        t.call("check_key_alias", "GET", f"/api/entitlements/check?user_id={uid}&key={key}")
+        t.call("check_without_key", "GET", f"/api/entitlements/check?user_id={uid}")
+        t.call(
+            "check_by_email_other_grant",
+            "GET",
+            f"/api/entitlements/check?email={quote(email)}&entitlement_key={key}",
+        )
+        t.poll("list", "GET", listing, lambda r: r.data["count"] == 1)
+        t.call("list_by_key", "GET", listing + f"&entitlement_key={key}")
+        t.call("list_page", "GET", listing + "&limit=1&offset=0")
+        t.call("list_limit_zero", "GET", listing + "&limit=0")
+        t.poll(
+            "list_by_email",
+            "GET",
+            f"/api/entitlements?email={quote(email)}",
+            lambda r: r.data["count"] == 1,
+        )
+        t.poll(
+            "context_with_entitlement",
+            "GET",
+            "/api/auth/session-context",
+            lambda r: r.data["entitlements_count"] == 1,
+            token=token,
+        )
+        revoke = f"/api/entitlements/{entitlement_id}?reason=fidelity"
+        t.call("revoke_as_user", "DELETE", revoke, token=token)
+        t.call("revoke_no_token", "DELETE", revoke)
+        t.call("revoke", "DELETE", revoke, token=admin)
+        t.poll("revoke_again", "DELETE", revoke, lambda r: r.status == 400, token=admin)
+        t.call("revoke_unknown", "DELETE", f"/api/entitlements/{uuid.uuid4()}", token=admin)
+        t.call("check_after_revoke", "GET", check)
+        t.call("list_after_revoke", "GET", listing)
+        revoked = t.call("list_include_revoked", "GET", listing + "&include_revoked=true")
+        assert revoked.data["entitlements"][0]["revoked_reason"] == "fidelity", t.name
+        claimed = t.call("claim", "POST", "/api/entitlements/claim", token=token)
+        assert claimed.data["count"] == 1, (t.name, claimed.body)
+        t.poll(
+            "claim_again",
+            "POST",
+            "/api/entitlements/claim",
+            lambda r: r.data["count"] == 0,
+            body={},
+            token=token,
+        )
+        t.call("claim_no_token", "POST", "/api/entitlements/claim")
+        t.poll(
+            "check_claimed",
+            "GET",
+            f"/api/entitlements/check?user_id={uid}&entitlement_key={key}_e",
+            lambda r: r.data["has_entitlement"] is True,
+        )
+
+    run("entitlements", pair, scenario)
+
+
+def test_stripe_reads_and_their_404s(pair: tuple[Target, Target]) -> None:
+    def scenario(t: Target) -> None:
+        reg, _ = t.register()
+        token = reg.data["tokens"]["access_token"]
+        t.call("products_filtered", "GET", "/api/stripe/products?active=true&limit=5", token=token)
+        t.call("product_unknown", "GET", "/api/stripe/products/prod_nope", token=token)
+        t.call("product_no_token", "GET", "/api/stripe/products/prod_nope")
+        t.call("product_no_key", "GET", "/api/stripe/products/prod_nope", token=token, key=None)
+        t.call(
+            "checkout_sessions_page",
+            "GET",
+            "/api/stripe/checkout-sessions?limit=2&offset=0",
+            token=token,
+        )
+        t.call(
+            "checkout_sessions_bad_limit",
+            "GET",
+            "/api/stripe/checkout-sessions?limit=abc",
+            token=token,
+        )
+        t.call("checkout_unknown", "GET", "/api/stripe/checkout-sessions/cs_nope", token=token)
+        t.call(
+            "checkout_expire_unknown",
+            "POST",
+            "/api/stripe/checkout-sessions/cs_nope/expire",
+            {},
+            token=token,
+        )
+        t.call(
+            "subscriptions_active",
+            "GET",
+            "/api/stripe/subscriptions?status=active&limit=5",
+            token=token,
+        )
+        t.call("subscriptions_limit_zero", "GET", "/api/stripe/subscriptions?limit=0", token=token)
+        t.call("subscription_unknown", "GET", "/api/stripe/subscription/sub_nope", token=token)
+        t.call(
+            "cancel_unknown",
+            "POST",
+            "/api/stripe/subscription/sub_nope/cancel",
+            {"immediately": True},
+            token=token,
+        )
+        t.call(
+            "cancel_unknown_no_body",
+            "POST",
+            "/api/stripe/subscription/sub_nope/cancel",
+            token=token,
+        )
+        t.call(
+            "update_unknown",
+            "POST",
+            "/api/stripe/subscription/sub_nope/update",
+            {"price_id": "price_x"},
+            token=token,
+        )
+        t.call(
+            "update_missing_price",
+            "POST",
+            "/api/stripe/subscription/sub_nope/update",
+            {},
+            token=token,
+        )
+        t.call(
+            "portal_no_customer",
+            "POST",
+            "/api/stripe/portal-session",
+            {"return_url": "http://127.0.0.1/back"},
+            token=token,
+        )
+        t.call("portal_missing_url", "POST", "/api/stripe/portal-session", {}, token=token)
+        t.call(
+            "portal_bad_url",
+            "POST",
+            "/api/stripe/portal-session",
+            {"return_url": "ftp://x"},
+            token=token,
+        )
+        t.call(
+            "portal_no_token",
+            "POST",
+            "/api/stripe/portal-session",
+            {"return_url": "http://127.0.0.1/back"},
+        )
+        t.call(
+            "history_filtered", "GET", "/api/stripe/history?status=succeeded&limit=3", token=token
+        )
+        t.call("history_limit_zero", "GET", "/api/stripe/history?limit=0", token=token)
+        uid = reg.data["user"]["id"]
+        t.call(
+            "usage_status_no_token",
+            "GET",
+            f"/api/usage/status?feature_key=api_calls&resource_type=user&subject_user_id={uid}",
+        )
+        t.call(
+            "usage_status_no_subject",
+            "GET",
+            "/api/usage/status?feature_key=api_calls&resource_type=user",
+            token=token,
+        )
+        t.call("usage_status_missing_query", "GET", "/api/usage/status", token=token)
+
+    run("stripe_reads", pair, scenario)

@@ -655,3 +655,38 @@ def test_command_line_serves_until_terminated() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=5) == 0
+
+
+# --- seeding helpers for MFA and Stripe (emulator only) ------------------------------------------
+
+
+def test_totp_code_follows_the_emulator_clock() -> None:
+    from spaps_mock import totp_code
+
+    now = [1_700_000_000.0]
+    with MockServer(clock=lambda: now[0]) as server:
+        secret = "JBSWY3DPEHPK3PXP"
+        assert server.totp_code(secret) == totp_code(secret, now[0])
+        assert server.totp_code(secret, steps=1) == totp_code(secret, now[0] + 30)
+        now[0] += 30
+        assert server.totp_code(secret, steps=-1) == totp_code(secret, now[0] - 30)
+
+
+def test_stripe_seeding_helpers_check_their_arguments() -> None:
+    with MockServer() as server:
+        user = server.add_user("seed@example.com", "Seed-Pass-1")
+        server.add_price("price_seed")
+        with pytest.raises(KeyError):
+            server.add_subscription("no-such-user", "price_seed")
+        with pytest.raises(KeyError):
+            server.add_subscription(user["id"], "price_missing")
+        with pytest.raises(ValueError):
+            server.add_payment(user["id"], -1)
+        with pytest.raises(KeyError):
+            server.add_payment("no-such-user", 100)
+        sub = server.add_subscription(user["id"], "price_seed", subscription_id="sub_1")
+        assert (sub["id"], sub["status"], sub["price_id"]) == ("sub_1", "active", "price_seed")
+        with pytest.raises(ValueError):
+            server.add_subscription(user["id"], "price_seed", subscription_id="sub_1")
+        payment = server.add_payment(user["id"], 250, currency="EUR")
+        assert (payment["amount"], payment["currency"]) == (250, "eur")

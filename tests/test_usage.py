@@ -22,6 +22,7 @@ from service_twin import (
 
 from spaps_client import (
     HttpRequest,
+    SpapsClient,
     UsageAuthorization,
     UsageError,
     UsageEvent,
