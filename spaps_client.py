@@ -5,13 +5,13 @@ is the whole client: password, magic-link and wallet sign-in, sessions, Stripe
 checkouts, crypto invoices, usage metering, secure messages, whitelist and
 health checks, with a sync surface (``SpapsClient``) and an async one
 (``AsyncSpapsClient``). It imports only the Python standard library (3.9+), so
-it can be vendored as one file, installed with ``pip install spaps`` or
-shipped in an AWS Lambda layer.
+it can be vendored as one file, installed with ``pip install spaps-stdlib``
+or shipped in an AWS Lambda layer.
 
 Version: 0.5.0.   Licence: MIT (the notice is in the LICENSE file of the
-``spaps`` distribution; keep it next to a vendored copy).   Documentation:
-https://pypi.org/project/spaps/ and the ``docs/`` directory of the ``spaps``
-source distribution (docs/api.md is the reference).
+``spaps-stdlib`` distribution; keep it next to a vendored copy).   Documentation:
+https://pypi.org/project/spaps-stdlib/ and the ``docs/`` directory of the
+``spaps-stdlib`` source distribution (docs/api.md is the reference).
 
 Quick start::
 
