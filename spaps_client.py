@@ -2668,7 +2668,7 @@ class FileTokenStorage(TokenStorage):
     DEFAULT_PATH = "~/.config/spaps/tokens.json"
 
     def __init__(self, *, path: Optional[Union[str, os.PathLike[str]]] = None) -> None:
-        self.path = os.path.abspath(os.path.expanduser(os.fspath(path or self.DEFAULT_PATH)))
+        self.path: str = os.path.abspath(os.path.expanduser(os.fspath(path or self.DEFAULT_PATH)))
         self._thread_lock = _thread.RLock()
 
     def __repr__(self) -> str:
@@ -3347,6 +3347,9 @@ class _Service:
                             secrets: Callable[[], List[str]]) -> _Reply:
         ctx = self._ctx
         explicit = token
+        if token == "":  # a backend passing on an absent header must not act as itself
+            raise ValueError(f"{self._label} call given an empty access token; pass None "
+                             "to use the stored one")
         if auth in (_BEARER, _OPTIONAL_BEARER) and not token:
             token = ctx.tokens.current()
             if not token and auth == _BEARER:
@@ -4707,7 +4710,7 @@ async def _in_thread(function: Callable[..., _T], *args: Any, **kwargs: Any) -> 
 
 def _async_twin(
     method: Callable[Concatenate[_S, _P], _T],
-) -> Callable[Concatenate[_AsyncService[_S], _P], Coroutine[Any, Any, _T]]:
+) -> Callable[Concatenate[_AsyncService[_S], _P], Coroutine[None, None, _T]]:
     """The async form of a sync service method: the same call, run in a worker thread."""
     name = method.__name__
 
@@ -4786,6 +4789,11 @@ class AsyncAuthClient(_AsyncService[AuthClient]):
     """Async ``AuthClient``: same constructor keywords, every method awaitable."""
 
     _sync_class = AuthClient
+
+    @_keywords_of(AuthClient.__init__)
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+
     AUTH_PREFIX = AuthClient.AUTH_PREFIX
     request_nonce = _async_twin(AuthClient.request_nonce)
     verify_wallet = _async_twin(AuthClient.verify_wallet)
@@ -4823,6 +4831,11 @@ class AsyncSessionsClient(_AsyncService[SessionsClient]):
     """Async ``SessionsClient``: same constructor keywords, every method awaitable."""
 
     _sync_class = SessionsClient
+
+    @_keywords_of(SessionsClient.__init__)
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+
     SESSIONS_PREFIX = SessionsClient.SESSIONS_PREFIX
     get_current_session = _async_twin(SessionsClient.get_current_session)
     validate_session = _async_twin(SessionsClient.validate_session)
@@ -4835,6 +4848,11 @@ class AsyncCryptoPaymentsClient(_AsyncService[CryptoPaymentsClient]):
     """Async ``CryptoPaymentsClient`` (``payments.crypto`` of the async clients)."""
 
     _sync_class = CryptoPaymentsClient
+
+    @_keywords_of(CryptoPaymentsClient.__init__)
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+
     CRYPTO_PREFIX = CryptoPaymentsClient.CRYPTO_PREFIX
     create_invoice = _async_twin(CryptoPaymentsClient.create_invoice)
     get_invoice = _async_twin(CryptoPaymentsClient.get_invoice)
@@ -4846,6 +4864,11 @@ class AsyncPaymentsClient(_AsyncService[PaymentsClient]):
     """Async ``PaymentsClient``: same constructor keywords, every method awaitable."""
 
     _sync_class = PaymentsClient
+
+    @_keywords_of(PaymentsClient.__init__)
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+
     PAYMENTS_PREFIX = PaymentsClient.PAYMENTS_PREFIX
     create_checkout_session = _async_twin(PaymentsClient.create_checkout_session)
     get_balance = _async_twin(PaymentsClient.get_balance)
@@ -4875,6 +4898,11 @@ class AsyncUsageClient(_AsyncService[UsageClient]):
     """Async ``UsageClient``: same constructor keywords, every method awaitable."""
 
     _sync_class = UsageClient
+
+    @_keywords_of(UsageClient.__init__)
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+
     USAGE_PREFIX = UsageClient.USAGE_PREFIX
     get_features = _async_twin(UsageClient.get_features)
     authorize_usage = _async_twin(UsageClient.authorize_usage)
@@ -4887,6 +4915,11 @@ class AsyncEntitlementsClient(_AsyncService[EntitlementsClient]):
     """Async ``EntitlementsClient``: same constructor keywords, every method awaitable."""
 
     _sync_class = EntitlementsClient
+
+    @_keywords_of(EntitlementsClient.__init__)
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+
     ENTITLEMENTS_PREFIX = EntitlementsClient.ENTITLEMENTS_PREFIX
     check_access = _async_twin(EntitlementsClient.check_access)
     get_user_entitlements = _async_twin(EntitlementsClient.get_user_entitlements)
@@ -4899,6 +4932,11 @@ class AsyncWhitelistClient(_AsyncService[WhitelistClient]):
     """Async ``WhitelistClient``: same constructor keywords, every method awaitable."""
 
     _sync_class = WhitelistClient
+
+    @_keywords_of(WhitelistClient.__init__)
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+
     WHITELIST_PREFIX = WhitelistClient.WHITELIST_PREFIX
     check = _async_twin(WhitelistClient.check)
     list = _async_twin(WhitelistClient.list)
@@ -4911,6 +4949,11 @@ class AsyncSecureMessagesClient(_AsyncService[SecureMessagesClient]):
     """Async ``SecureMessagesClient``: same constructor keywords, every method awaitable."""
 
     _sync_class = SecureMessagesClient
+
+    @_keywords_of(SecureMessagesClient.__init__)
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+
     SECURE_MESSAGES_PREFIX = SecureMessagesClient.SECURE_MESSAGES_PREFIX
     create_message = _async_twin(SecureMessagesClient.create_message)
     list_messages = _async_twin(SecureMessagesClient.list_messages)
@@ -4920,6 +4963,11 @@ class AsyncMetricsClient(_AsyncService[MetricsClient]):
     """Async ``MetricsClient``: same constructor keywords, every method awaitable."""
 
     _sync_class = MetricsClient
+
+    @_keywords_of(MetricsClient.__init__)
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+
     get_prometheus_metrics = _async_twin(MetricsClient.get_prometheus_metrics)
     get_metrics_json = _async_twin(MetricsClient.get_metrics_json)
     health = _async_twin(MetricsClient.health)

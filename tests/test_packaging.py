@@ -282,26 +282,29 @@ def dists(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, str]:
         done = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", out, ROOT],
                    cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    found = {"wheel": glob.glob(os.path.join(out, "spaps-*.whl")),
-             "sdist": glob.glob(os.path.join(out, "spaps-*.tar.gz"))}
+    found = {"wheel": glob.glob(os.path.join(out, "spaps_stdlib-*.whl")),
+             "sdist": glob.glob(os.path.join(out, "spaps_stdlib-*.tar.gz"))}
     assert len(found["wheel"]) == 1, found
     return {kind: paths[0] for kind, paths in found.items() if paths}
 
 
 @pytest.mark.slow
 def test_wheel_contents(dists: Dict[str, str]) -> None:
-    """The wheel installs the one source file as a typed package, plus spaps_mock."""
+    """The wheel installs the one source file as a typed package, and spaps_mock as another
+    (``python -m spaps_mock`` through its ``__main__``)."""
     wheel = dists["wheel"]
-    assert os.path.basename(wheel) == f"spaps-{VERSION}-py3-none-any.whl"
+    assert os.path.basename(wheel) == f"spaps_stdlib-{VERSION}-py3-none-any.whl"
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         with open(SOURCE, "rb") as handle:
             assert archive.read("spaps_client/__init__.py") == handle.read()
         with open(os.path.join(ROOT, "spaps_mock.py"), "rb") as handle:
-            assert archive.read("spaps_mock.py") == handle.read()
-        metadata = archive.read(f"spaps-{VERSION}.dist-info/METADATA").decode()
+            assert archive.read("spaps_mock/__init__.py") == handle.read()
+        assert archive.read("spaps_mock/py.typed") == b""
+        metadata = archive.read(f"spaps_stdlib-{VERSION}.dist-info/METADATA").decode()
     assert {"spaps_client/__init__.py", "spaps_client/__main__.py", "spaps_client/py.typed",
-            "spaps_mock.py"} <= names
+            "spaps_mock/__init__.py", "spaps_mock/__main__.py", "spaps_mock/py.typed"} <= names
+    assert "spaps_mock.py" not in names  # the module and the package would shadow each other
     assert not [name for name in names if name.startswith(("tests/", "docs/", "scripts/"))]
     assert f"\nVersion: {VERSION}\n" in metadata
     assert "\nRequires-Python: >=3.9\n" in metadata
@@ -318,7 +321,8 @@ def test_sdist_contents(dists: Dict[str, str]) -> None:
     with tarfile.open(dists["sdist"]) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
     for needed in ("spaps_client.py", "spaps_mock.py", "packaging/__main__.py",
-                   "packaging/py.typed", "scripts/build_layer.py", "docs/lambda.md",
+                   "packaging/py.typed", "packaging/spaps_mock/__main__.py",
+                   "packaging/spaps_mock/py.typed", "scripts/build_layer.py", "docs/lambda.md",
                    "CHANGELOG.md", "RELEASE_CHECKLIST.md", "LICENSE", "README.md"):
         assert needed in names, needed
 
@@ -447,6 +451,7 @@ def test_wheel_in_fresh_venv_is_typed_and_runs(dists: Dict[str, str],
     site = os.path.join(venv, "lib")
     assert all(path.startswith(site) for path in where.stdout.split()), where.stdout
     assert where.stdout.split()[0].endswith(os.path.join("spaps_client", "__init__.py"))
+    assert where.stdout.split()[1].endswith(os.path.join("spaps_mock", "__init__.py"))
 
     mypy = [python, "-m", "mypy", "--strict", "--no-error-summary",
             "--cache-dir", os.path.join(base, "mypy-cache")]
@@ -462,9 +467,9 @@ def test_wheel_in_fresh_venv_is_typed_and_runs(dists: Dict[str, str],
     assert re.search(r'bad\.py:10: error: Unexpected keyword argument "mail"', out), out
     assert re.search(r'bad\.py:11: note: Revealed type is "def \(\*, price_id: (builtins\.)?str, '
                      r'.*\) -> spaps_client\.CheckoutSession"', out), out
-    if sys.version_info >= (3, 10):  # async signatures need typing.ParamSpec (3.10+)
-        assert re.search(r'bad\.py:15: error: Incompatible types in assignment \(expression has '
-                         r'type "int", variable has type "str"\)', out), out
+    # Async signatures too, on every Python (ParamSpec from typing_extensions before 3.10).
+    assert re.search(r'bad\.py:15: error: Incompatible types in assignment \(expression has '
+                     r'type "int", variable has type "str"\)', out), out
     assert "py.typed" not in out and "missing library stubs" not in out
 
     # The installed package runs: its CLI, its emulator, and the user's program against it.
@@ -521,7 +526,12 @@ def test_layer_zip_unpacks_and_imports(server: MockServer,
     with open(path, "rb") as handle:
         assert hashlib.sha256(handle.read()).hexdigest() == digest
     with zipfile.ZipFile(path) as archive:
-        assert archive.namelist() == ["python/spaps_client.py"]
+        assert archive.namelist() == sorted(
+            ["python/spaps_client.py", "python/LICENSE.spaps"]
+            + [f"python/__pycache__/spaps_client.cpython-3{minor}.pyc" for minor in range(9, 14)]
+        )
+        with open(os.path.join(ROOT, "LICENSE"), "rb") as handle:
+            assert archive.read("python/LICENSE.spaps") == handle.read()
         info = archive.getinfo("python/spaps_client.py")
         assert info.date_time == (1980, 1, 1, 0, 0, 0)
         assert info.external_attr >> 16 == 0o100644
@@ -560,7 +570,7 @@ def test_layer_with_precompiled_bytecode(server: MockServer,
     assert os.path.basename(path) == f"spaps-lambda-layer-{VERSION}-{tag}.zip"
     pyc_name = f"python/__pycache__/spaps_client.{tag}.pyc"
     with zipfile.ZipFile(path) as archive:
-        assert archive.namelist() == [pyc_name, "python/spaps_client.py"]
+        assert archive.namelist() == ["python/LICENSE.spaps", pyc_name, "python/spaps_client.py"]
         assert archive.getinfo(pyc_name).date_time == (1980, 1, 1, 0, 0, 0)
         pyc = archive.read(pyc_name)
         archive.extractall(os.path.join(base, "opt"))
