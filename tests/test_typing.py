@@ -172,14 +172,21 @@ def user_env(wheel: str, tmp_path_factory: pytest.TempPathFactory) -> Dict[str, 
 
 @pytest.fixture(scope="module")
 def mypy(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """mypy 1.18's python, in a venv cached under the pytest cache."""
-    venv = str(cache_root(request, tmp_path_factory) / "mypy-1.18-venv")
+    """mypy 1.18's python, in a venv cached under the pytest cache.
+
+    It runs on the newest target Python: mypy parses the target's site-packages (pytest 9
+    there uses syntax an older interpreter cannot read).
+    """
+    interpreter = pyenv_python(PYTHON_VERSIONS[-1]) or sys.executable
+    tag = run([interpreter, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"]
+              ).stdout.strip()
+    venv = str(cache_root(request, tmp_path_factory) / f"mypy-1.18-venv-{tag}")
     python = venv_python(venv)
     marker = os.path.join(venv, ".complete")
     if os.path.exists(marker) and run([python, "-m", "mypy", "--version"]).returncode == 0:
         return python
     try:
-        make_venv(sys.executable, venv, MYPY_REQUIREMENT)
+        make_venv(interpreter, venv, MYPY_REQUIREMENT)
     except (RuntimeError, AssertionError, OSError, subprocess.SubprocessError) as exc:
         pytest.skip(f"mypy cannot be installed here ({MYPY_REQUIREMENT}): {exc}")
     open(marker, "w").close()
