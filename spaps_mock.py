@@ -25,6 +25,17 @@ What it reproduces of the real server:
   the identical successor pair, anyone else gets 401 ``REFRESH_TOKEN_REPLAY`` and every refresh
   token of that user is revoked.  Old access tokens stay valid after a refresh.  Logout revokes
   the access token, and the refresh token only when the body names it.
+* Refresh binding (``refresh_binding=True``, the default, like the real server's
+  ``REFRESH_ANOMALY_ENFORCEMENT_ENABLED``): each refresh token is bound to the peer IP and
+  User-Agent that obtained it (a refresh's successor to the refresher's).  Refreshing a
+  not-yet-consumed token from another IP or User-Agent gets 401 ``REFRESH_TOKEN_ANOMALOUS``
+  "Network context anomaly detected (IP or user agent changed)" and spends the token without a
+  grace answer, so any later refresh with it is a replay (401 ``REFRESH_TOKEN_REPLAY``, every
+  refresh token of the user revoked).  Access tokens and sessions stay valid.  Not checked when
+  either User-Agent is empty or absent; consumed, revoked and deleted tokens answer as above
+  whatever the context.  ``X-Forwarded-For`` is not read (the real harness trusts it from
+  loopback).  ``refresh_binding=False`` (``--no-refresh-binding``) is a server configured for
+  fleets whose hosts share one refresh token.
   ``POST /api/sessions/touch`` spends the session's refresh token.
   ``DELETE /api/sessions/{id}`` revokes that session's tokens.
 * Usage works as authorize -> record after an admin granted an entitlement
@@ -41,7 +52,8 @@ unless ``rate_limit=True``.  See "How close the emulator is to the real server" 
 Command line (serves until SIGINT/SIGTERM)::
 
     python -m spaps_mock [--host 127.0.0.1] [--port 3300] [--access-token-ttl 3600]
-                         [--api-key KEY] [--no-seed] [--rate-limit] [--verbose]
+                         [--api-key KEY] [--no-seed] [--rate-limit] [--no-refresh-binding]
+                         [--verbose]
 
 It prints exactly one line, ``spaps_mock listening on http://HOST:PORT``, once it accepts
 connections (use ``--port 0`` to pick a free port and parse the URL from that line).
@@ -86,8 +98,8 @@ Out-of-process control (no API key needed, never recorded in ``requests``): ``PO
 /__mock__/stats``, ``POST /__mock__/reset-stats``, ``POST /__mock__/expire-tokens``, ``POST
 /__mock__/close-idle``, ``POST /__mock__/users``, ``GET /__mock__/magic-link?email=``, ``GET
 /__mock__/password-reset?email=``, ``POST /__mock__/config`` ``{access_token_ttl, api_key,
-rate_limit}``, ``POST /__mock__/invoices/<id>`` ``{status}``, ``POST /__mock__/prices``
-``{price_id, unit_amount, currency, product_name, recurring_interval}``.
+rate_limit, refresh_binding}``, ``POST /__mock__/invoices/<id>`` ``{status}``, ``POST
+/__mock__/prices`` ``{price_id, unit_amount, currency, product_name, recurring_interval}``.
 
 Fault actions for :meth:`MockServer.inject` (all keys optional, one action per matching request):
 
@@ -210,8 +222,11 @@ class MockServer:
     ``clock`` (a ``time.time``-like callable) drives every lifetime: tokens, sessions, the 60 s
     refresh grace, nonces, usage windows, so tests can move time instead of sleeping.
     ``rate_limit=True`` switches on the real server's per-application limits (off by default,
-    as the real harness exempts loopback).  All state lives behind one lock, so the server is
-    safe to drive from many client threads.
+    as the real harness exempts loopback).  ``refresh_binding`` (on by default, like the real
+    server) refuses a refresh from another IP or User-Agent than the one that obtained the token
+    with 401 ``REFRESH_TOKEN_ANOMALOUS``; ``False`` serves a fleet sharing one refresh token.
+    Both can be changed at runtime.  All state lives behind one lock, so the server is safe to
+    drive from many client threads.
     """
 
     def __init__(
@@ -225,12 +240,14 @@ class MockServer:
         verbose: bool = False,
         clock: Callable[[], float] = time.time,
         rate_limit: bool = False,
+        refresh_binding: bool = True,
     ) -> None:
         self.host = host
         self.port = port
         self.api_key = api_key
         self.verbose = verbose
         self.rate_limit = rate_limit
+        self.refresh_binding = refresh_binding
         self._lock = threading.RLock()
         self._store = _Store(_check_ttl(access_token_ttl), clock)
         if seed:
@@ -599,6 +616,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--rate-limit", action="store_true", help="enforce the real server's rate limits"
     )
+    parser.add_argument(
+        "--no-refresh-binding",
+        action="store_true",
+        help="accept a refresh from any IP/User-Agent (a server configured for fleets)",
+    )
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
     args = parser.parse_args(argv)
 
@@ -611,6 +633,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=not args.no_seed,
             verbose=args.verbose,
             rate_limit=args.rate_limit,
+            refresh_binding=not args.no_refresh_binding,
         )
         server.start()
     except (OSError, ValueError) as exc:
@@ -716,6 +739,7 @@ _SECURITY_HEADERS = {
 }
 _INVALID_REFRESH = "Your session has expired. Please sign in again."
 _REPLAY = "Refresh token already consumed (possible replay)"
+_ANOMALOUS = "Network context anomaly detected (IP or user agent changed)"
 _MAGIC_LINK_INVALID = "This magic link has expired or already been used. Request a new one."
 _ENTITLEMENT_REQUIRED = (
     "Access to this feature requires an active subscription. Upgrade your account or contact "
@@ -1080,8 +1104,11 @@ class _RefreshToken:
     session_id: str
     user_id: str
     expires_at: float
-    # active -> consumed (rotated or spent by touch) | revoked (logout body, replay) |
-    # deleted (its session was revoked with DELETE /api/sessions/{id})
+    # The peer IP and User-Agent that obtained it (the refresh binding).
+    ip: str = ""
+    user_agent: str = ""
+    # active -> consumed (rotated, spent by touch, or refused as anomalous) | revoked (logout
+    # body, replay) | deleted (its session was revoked with DELETE /api/sessions/{id})
     state: str = "active"
     grace: _Grace | None = None
 
@@ -1460,6 +1487,8 @@ class _Store:
             session_id=session.id,
             user_id=user.id,
             expires_at=now + _REFRESH_LIFETIME,
+            ip=ctx.client_ip,
+            user_agent=ctx.user_agent,
         )
         return session, access, refresh
 
@@ -2114,6 +2143,16 @@ class _Api:
             raise _ApiError(401, "REFRESH_TOKEN_REPLAY", _REPLAY)
         if now >= record.expires_at:
             raise _ApiError(401, "INVALID_REFRESH_TOKEN", _INVALID_REFRESH)
+        if (
+            self.mock.refresh_binding
+            and record.user_agent
+            and ctx.user_agent
+            and (record.ip, record.user_agent) != (ctx.client_ip, ctx.user_agent)
+        ):
+            # Measured: the token is spent (no grace answer), so its next use is a replay;
+            # access tokens, sessions and the user's other refresh tokens are left alone.
+            record.state = "consumed"
+            raise _ApiError(401, "REFRESH_TOKEN_ANOMALOUS", _ANOMALOUS)
         user = store.users[record.user_id]
         _, access, refresh = store.start_session(user, ctx)
         data = _token_pair(store, access, refresh)
@@ -3434,17 +3473,27 @@ class _Api:
                 self.mock.access_token_ttl = body["access_token_ttl"]
             except ValueError as exc:
                 raise _validation(str(exc)) from None
-        _check_fields(body, [("api_key", "str", False), ("rate_limit", "bool", False)])
+        _check_fields(
+            body,
+            [
+                ("api_key", "str", False),
+                ("rate_limit", "bool", False),
+                ("refresh_binding", "bool", False),
+            ],
+        )
         if "api_key" in body:
             self.mock.api_key = body["api_key"]
         if "rate_limit" in body:
             self.mock.rate_limit = bool(body["rate_limit"])
+        if "refresh_binding" in body:
+            self.mock.refresh_binding = bool(body["refresh_binding"])
         return _json_response(
             200,
             {
                 "access_token_ttl": self.mock.access_token_ttl,
                 "api_key": self.mock.api_key,
                 "rate_limit": self.mock.rate_limit,
+                "refresh_binding": self.mock.refresh_binding,
             },
         )
 

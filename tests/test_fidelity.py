@@ -103,6 +103,10 @@ NOT_COMPARED: dict[str, str] = {
         "the real 0.6.6 answers 500 for an unknown id; the client does not call it and the "
         "emulator does not serve it"
     ),
+    "POST /api/auth/refresh with X-Forwarded-For": (
+        "the real harness trusts X-Forwarded-For from loopback, so another forwarded IP is a "
+        "refresh-binding anomaly there; the emulator binds to the peer IP and ignores the header"
+    ),
     "429 RATE_LIMIT_EXCEEDED": (
         "the real harness exempts loopback; the emulator's rate_limit=True copies the recorded "
         "limits and headers (tests/test_mock.py)"
@@ -482,6 +486,105 @@ def test_refresh_rotation_grace_and_replay(pair: tuple[Target, Target]) -> None:
         )
 
     run("refresh", pair, scenario)
+
+
+def test_refresh_from_another_user_agent_is_anomalous(pair: tuple[Target, Target]) -> None:
+    """The refresh binding (0.6.6 REFRESH_ANOMALY_ENFORCEMENT_ENABLED, on by default)."""
+
+    def scenario(t: Target) -> None:
+        _, email = t.register()
+        login = t.login("login", email).data
+        other = t.login("login_other_session", email).data
+        refused = t.call(
+            "refresh_other_user_agent",
+            "POST",
+            "/api/auth/refresh",
+            {"refresh_token": login["refresh_token"]},
+            ua=UA_B,
+        )
+        assert refused.status == 401 and refused.error_code == "REFRESH_TOKEN_ANOMALOUS", (
+            t.name,
+            refused.body,
+        )
+        assert refused.body["error"]["message"] == (
+            "Network context anomaly detected (IP or user agent changed)"
+        )
+        # The access token and the session survive; so do the user's other refresh tokens.
+        t.call("access_after_anomaly", "GET", "/api/auth/user", token=login["access_token"])
+        t.call("session_after_anomaly", "GET", "/api/sessions/current", token=login["access_token"])
+        rotated = t.call(
+            "other_session_refresh_after_anomaly",
+            "POST",
+            "/api/auth/refresh",
+            {"refresh_token": other["refresh_token"]},
+        )
+        assert rotated.status == 200, (t.name, rotated.body)
+        # The refused token was spent without a grace answer: its next use is a replay, from
+        # the client that obtained it too, and that revokes the user's refresh tokens.
+        for step, ua in (("followup_same_user_agent", UA_A), ("followup_other_user_agent", UA_B)):
+            followup = t.call(
+                step, "POST", "/api/auth/refresh", {"refresh_token": login["refresh_token"]}, ua=ua
+            )
+            assert followup.error_code == "REFRESH_TOKEN_REPLAY", (t.name, step, followup.body)
+        after = t.call(
+            "other_successor_after_followup",
+            "POST",
+            "/api/auth/refresh",
+            {"refresh_token": rotated.data["refresh_token"]},
+        )
+        assert after.error_code == "REFRESH_TOKEN_REPLAY", (t.name, after.body)
+        t.call("access_after_followup", "GET", "/api/auth/user", token=login["access_token"])
+        # A successor is bound to the client that refreshed.
+        fresh = t.login("login_again", email).data
+        successor = t.call(
+            "refresh_same_user_agent",
+            "POST",
+            "/api/auth/refresh",
+            {"refresh_token": fresh["refresh_token"]},
+        )
+        moved = t.call(
+            "successor_from_other_user_agent",
+            "POST",
+            "/api/auth/refresh",
+            {"refresh_token": successor.data["refresh_token"]},
+            ua=UA_B,
+        )
+        assert moved.error_code == "REFRESH_TOKEN_ANOMALOUS", (t.name, moved.body)
+        # A revoked token is a replay whatever the User-Agent (checked before the binding).
+        revoked = t.login("login_for_body_logout", email).data
+        t.call(
+            "logout_with_refresh_body",
+            "POST",
+            "/api/auth/logout",
+            {"refresh_token": revoked["refresh_token"]},
+            token=revoked["access_token"],
+        )
+        t.call(
+            "revoked_from_other_user_agent",
+            "POST",
+            "/api/auth/refresh",
+            {"refresh_token": revoked["refresh_token"]},
+            ua=UA_B,
+        )
+        # Without a User-Agent on either side there is nothing to compare: not checked.
+        blank = t.login("login_without_user_agent", email, ua="").data
+        unbound = t.call(
+            "refresh_other_user_agent_after_blank_login",
+            "POST",
+            "/api/auth/refresh",
+            {"refresh_token": blank["refresh_token"]},
+            ua=UA_B,
+        )
+        assert unbound.status == 200, (t.name, unbound.body)
+        t.call(
+            "refresh_garbage_other_user_agent",
+            "POST",
+            "/api/auth/refresh",
+            {"refresh_token": "garbage"},
+            ua=UA_B,
+        )
+
+    run("refresh_binding", pair, scenario)
 
 
 def test_logout_with_and_without_refresh_token(pair: tuple[Target, Target]) -> None:

@@ -8,6 +8,12 @@ with ``REFRESH_TOKEN_REPLAY`` and sign the whole fleet out. They run against the
 with the ``realserver`` marker, against the real server when one is configured
 (``tests/realserver.py``).
 
+The emulator backends are ``MockServer(refresh_binding=False)``: a server configured for fleets
+(REFRESH_ANOMALY_ENFORCEMENT_ENABLED off, like CI's second real instance), since with the 0.6.6
+default every refresh from a host other than the one that obtained the token is refused with
+``REFRESH_TOKEN_ANOMALOUS``; one emulator test below keeps the default binding and checks that
+the client surfaces that refusal.
+
 How the refreshes are counted: the emulator records every request
 (``request_count("POST", "/api/auth/refresh")``); on the real server every worker reports the
 refresh requests it sent (``LoggingHooks.on_request``), and the test checks afterwards that the
@@ -39,6 +45,7 @@ from conftest import API_KEY, DEMO_EMAIL, DEMO_PASSWORD, ROOT
 from realserver import require_real_server
 
 from spaps_client import (
+    AuthError,
     LoggingHooks,
     RedisTokenStorage,
     SpapsClient,
@@ -304,7 +311,8 @@ def make_backend(kind: str, expiry: str, agents: str = "distinct") -> Iterator[B
         real = require_real_server(fleet=True)
         yield Backend("realserver", real.url, real.api_key, expiry=expiry, agents=agents)
         return
-    with MockServer(api_key=API_KEY) as mock:
+    # A server configured for fleets: hosts with different User-Agents share one refresh token.
+    with MockServer(api_key=API_KEY, refresh_binding=False) as mock:
         yield Backend("emulator", mock.url, API_KEY, mock=mock, expiry=expiry, agents=agents)
 
 
@@ -569,6 +577,41 @@ def test_fleet_recovers_after_the_lease_of_a_holder_killed_mid_refresh(
         assert_family_alive(backend, storage)
     finally:
         fleet.kill_all()
+
+
+def test_a_binding_server_refuses_a_refresh_from_another_host(
+    redis_server: RedisServer,
+) -> None:
+    """With the 0.6.6 default (refresh binding on), a host other than the one that signed in
+    cannot refresh the shared token: the client raises the server's refusal, once, no loop."""
+    with MockServer(api_key=API_KEY) as mock:
+        assert mock.refresh_binding  # on by default, like the real server
+        backend = Backend("emulator", mock.url, API_KEY, mock=mock)
+        storage = RedisTokenStorage(redis_server.client(), key=unique_key())
+        with backend.client(storage) as driver:
+            backend.sign_in(driver)
+            stale = backend.expire(driver)  # server-side expiry: the host meets a 401 first
+        host_agent = backend.agent(1)
+        host = SpapsClient(base_url=mock.url, api_key=API_KEY, token_storage=storage,
+                           app_info=host_agent)
+        with host, pytest.raises(AuthError) as caught:
+            host.sessions.get_current_session()
+
+        assert caught.value.status_code == 401
+        assert caught.value.error_code == "REFRESH_TOKEN_ANOMALOUS"
+        assert caught.value.retryable is False
+        assert mock.request_count(*REFRESH) == 1, "the refusal must surface, not be retried"
+        assert mock.request_count("GET", "/api/sessions/current") == 1
+        [sent] = [r for r in mock.requests if (r.method, r.path) == REFRESH]
+        assert sent.headers["user-agent"].endswith(host_agent)
+        shown = str(caught.value) + repr(caught.value)
+        assert stale.access_token not in shown and str(stale.refresh_token) not in shown
+
+        # The refused token is spent: even the host that obtained it now meets a replay.
+        with backend.client(storage) as driver, pytest.raises(AuthError) as again:
+            driver.auth.refresh_tokens(refresh_token=str(stale.refresh_token))
+        assert again.value.error_code == "REFRESH_TOKEN_REPLAY"
+        assert mock.request_count(*REFRESH) == 2
 
 
 # =================================================================================================

@@ -230,6 +230,57 @@ def test_refresh_rotates_with_same_client_grace_and_cross_client_replay() -> Non
         assert body["error"]["message"] == "Refresh token required"
 
 
+def login_as(conn: http.client.HTTPConnection, ua: str) -> dict[str, Any]:
+    status, _, body = call(conn, "POST", "/api/auth/login", DEMO, headers={"User-Agent": ua})
+    assert status == 200, body
+    data: dict[str, Any] = body["data"]
+    return data
+
+
+def test_refresh_binding_refuses_another_user_agent_and_spends_the_token() -> None:
+    with MockServer() as server:
+        assert server.refresh_binding  # on by default, like the real server
+        conn = connect(server)
+        first = login_as(conn, "ua-a")
+        other = login_as(conn, "ua-a")
+        status, body = refresh(conn, first["refresh_token"], ua="ua-b")
+        assert (status, body["error"]["code"]) == (401, "REFRESH_TOKEN_ANOMALOUS")
+        assert body["error"]["message"] == (
+            "Network context anomaly detected (IP or user agent changed)"
+        )
+        # access token and the user's other refresh tokens untouched ...
+        assert call(conn, "GET", "/api/auth/user", token=first["access_token"])[0] == 200
+        rotated = refresh(conn, other["refresh_token"])[1]["data"]
+        # ... but the refused token is spent without grace: its next use is a replay
+        for ua in ("ua-a", "ua-b"):
+            assert refresh(conn, first["refresh_token"], ua=ua)[1]["error"]["code"] == (
+                "REFRESH_TOKEN_REPLAY"
+            )
+        assert refresh(conn, rotated["refresh_token"])[1]["error"]["code"] == (
+            "REFRESH_TOKEN_REPLAY"
+        )
+        # a successor is bound to the client that refreshed; no User-Agent is not checked
+        successor = refresh(conn, login_as(conn, "ua-b")["refresh_token"], ua="ua-b")[1]["data"]
+        assert refresh(conn, successor["refresh_token"], ua="ua-a")[1]["error"]["code"] == (
+            "REFRESH_TOKEN_ANOMALOUS"
+        )
+        assert refresh(conn, login(conn)["refresh_token"], ua="ua-b")[0] == 200
+
+        control = connect(server)
+        config = call(control, "POST", "/__mock__/config", {"refresh_binding": False}, api_key=None)
+        assert config[2]["refresh_binding"] is False and server.refresh_binding is False
+        assert refresh(conn, login_as(conn, "ua-a")["refresh_token"], ua="ua-b")[0] == 200
+        bad = call(control, "POST", "/__mock__/config", {"refresh_binding": "no"}, api_key=None)
+        assert bad[0] == 400
+        server.refresh_binding = True
+        status, body = refresh(conn, login_as(conn, "ua-a")["refresh_token"], ua="ua-b")
+        assert body["error"]["code"] == "REFRESH_TOKEN_ANOMALOUS"
+
+    with MockServer(refresh_binding=False) as server:
+        conn = connect(server)
+        assert refresh(conn, login_as(conn, "ua-a")["refresh_token"], ua="ua-b")[0] == 200
+
+
 def test_every_sign_in_and_refresh_opens_a_session() -> None:
     with MockServer() as server:
         conn = connect(server)
@@ -636,7 +687,7 @@ def test_control_routes(server: MockServer) -> None:
 def test_command_line_serves_until_terminated() -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "spaps_mock", "--port", "0"],
+        [sys.executable, "-m", "spaps_mock", "--port", "0", "--no-refresh-binding"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -651,6 +702,8 @@ def test_command_line_serves_until_terminated() -> None:
         conn.request("GET", "/health")
         response = conn.getresponse()
         assert response.status == 200 and json.loads(response.read())["data"]["status"] == "ok"
+        conn.request("GET", "/__mock__/config")
+        assert json.loads(conn.getresponse().read())["refresh_binding"] is False
         conn.close()
     finally:
         proc.send_signal(signal.SIGTERM)
