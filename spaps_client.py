@@ -62,13 +62,12 @@ if TYPE_CHECKING:
     )
     from typing import Generic as _GenericBase
 
-    # Type checkers only: ParamSpec is 3.10+, and without it the async surface is Any.
+    # ParamSpec is 3.10+ (and typing_extensions is not the standard library): checkers that
+    # target 3.9 get the plainer signatures of _async_twin and _keywords_of below.
     if sys.version_info >= (3, 10):
         from typing import Concatenate, ParamSpec
-    else:
-        from typing_extensions import Concatenate, ParamSpec
 
-    _P = ParamSpec("_P")
+        _P = ParamSpec("_P")
     _T = TypeVar("_T")
     _M = TypeVar("_M", bound="_Model")
     _S = TypeVar("_S", bound="_Service")
@@ -4708,30 +4707,39 @@ async def _in_thread(function: Callable[..., _T], *args: Any, **kwargs: Any) -> 
     return await asyncio.get_running_loop().run_in_executor(_async_executor(), call)
 
 
-def _async_twin(
-    method: Callable[Concatenate[_S, _P], _T],
-) -> Callable[Concatenate[_AsyncService[_S], _P], Coroutine[None, None, _T]]:
-    """The async form of a sync service method: the same call, run in a worker thread."""
-    name = method.__name__
+if TYPE_CHECKING and sys.version_info < (3, 10):
+    # What a checker targeting 3.9 sees: results typed, parameters not (no ParamSpec).
+    def _async_twin(method: Callable[..., _T]) -> Callable[..., Coroutine[None, None, _T]]: ...
 
-    async def twin(self: _AsyncService[_S], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        return await _in_thread(getattr(self._sync, name), *args, **kwargs)
+    def _keywords_of(
+        source: Callable[..., _T],
+    ) -> Callable[[Callable[..., _T]], Callable[..., _T]]: ...
 
-    twin.__name__ = twin.__qualname__ = name
-    twin.__doc__ = method.__doc__
-    return twin
+else:
 
+    def _async_twin(
+        method: Callable[Concatenate[_S, _P], _T],
+    ) -> Callable[Concatenate[_AsyncService[_S], _P], Coroutine[None, None, _T]]:
+        """The async form of a sync service method: the same call, run in a worker thread."""
+        name = method.__name__
 
-def _keywords_of(
-    source: Callable[Concatenate[Any, _P], _T],
-) -> Callable[[Callable[..., _T]], Callable[Concatenate[Any, _P], _T]]:
-    """Give a ``**options`` forwarder the exact signature of the method it forwards to."""
+        async def twin(self: _AsyncService[_S], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+            return await _in_thread(getattr(self._sync, name), *args, **kwargs)
 
-    def apply(forwarder: Callable[..., _T]) -> Callable[Concatenate[Any, _P], _T]:
-        forwarder.__doc__ = forwarder.__doc__ or source.__doc__
-        return forwarder
+        twin.__name__ = twin.__qualname__ = name
+        twin.__doc__ = method.__doc__
+        return twin
 
-    return apply
+    def _keywords_of(
+        source: Callable[Concatenate[Any, _P], _T],
+    ) -> Callable[[Callable[..., _T]], Callable[Concatenate[Any, _P], _T]]:
+        """Give a ``**options`` forwarder the exact signature of the method it forwards to."""
+
+        def apply(forwarder: Callable[..., _T]) -> Callable[Concatenate[Any, _P], _T]:
+            forwarder.__doc__ = forwarder.__doc__ or source.__doc__
+            return forwarder
+
+        return apply
 
 
 class _AsyncService(_GenericBase["_S"]):
