@@ -96,12 +96,17 @@ def grant_usage(server: MockServer, user_id: str, feature: str = "api_calls",
             assert answer.status in (200, 201)
 
 
+def subject_of(access_token: str) -> str:
+    """The user id (``sub``) an access token was issued to, read without a request."""
+    payload = access_token.split(".")[1]
+    return str(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["sub"])
+
+
 def user_id_of(client: SpapsClient) -> str:
     """The signed-in user's id, read from the access token without a request."""
     tokens = client.get_tokens()
     assert tokens is not None
-    payload = tokens.access_token.split(".")[1]
-    return str(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["sub"])
+    return subject_of(tokens.access_token)
 
 
 @pytest.fixture

@@ -3,12 +3,10 @@ admin revokes; e-mail grants are claimed after sign-up; non-admins and bad argum
 
 from __future__ import annotations
 
-import base64
-import json
 from typing import Iterator
 
 import pytest
-from conftest import API_KEY, DEMO_EMAIL
+from conftest import API_KEY, DEMO_EMAIL, subject_of
 from service_twin import SURFACES, Twin, access_token, aggregate, assert_json_body, last_request
 
 from spaps_client import Entitlement, EntitlementClaimResult, EntitlementsError, ManualGrantParams
@@ -18,8 +16,7 @@ KEY = "pro_plan"
 
 
 def subject(twin: Twin) -> str:
-    payload = access_token(twin).split(".")[1]
-    return str(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["sub"])
+    return subject_of(access_token(twin))
 
 
 @pytest.fixture(params=SURFACES)

@@ -3,12 +3,10 @@ where the feature stands (decision, totals, remaining) without authorizing anyth
 
 from __future__ import annotations
 
-import base64
-import json
 from typing import Iterator
 
 import pytest
-from conftest import grant_usage
+from conftest import grant_usage, subject_of
 from service_twin import SURFACES, Twin, access_token, aggregate, last_request
 
 from spaps_client import UsageAuthorization, UsageError
@@ -16,8 +14,7 @@ from spaps_mock import MockServer
 
 
 def subject(twin: Twin) -> str:
-    payload = access_token(twin).split(".")[1]
-    return str(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["sub"])
+    return subject_of(access_token(twin))
 
 
 @pytest.fixture(params=SURFACES)
