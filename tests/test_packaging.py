@@ -884,7 +884,8 @@ def test_cli_error_line_says_each_fact_once(server: MockServer, cli_home: str,
                token_file, "whoami")
     assert done.returncode == 1
     line = done.stderr.strip()
-    assert line.startswith("error: ") and line.count("503") == 1, line
+    assert line.startswith("error: ") and line.count("HTTP 503") == 1, line
+    assert line.count("SERVER_ERROR") == 1, line
 
 
 def test_cli_json_datetimes_are_iso_8601(server: MockServer, cli_home: str,
