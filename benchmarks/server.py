@@ -17,7 +17,7 @@ The delay models the handshake round trips of a remote SPAPS: a client that reus
 connection pays it once, a client that reconnects pays it on every call.
 
 Once listening it prints one JSON line ``{"ports": {...}}`` on stdout. It answers
-``GET /api/sessions/current`` with the session fixture of the API contract (canned bytes,
+``GET /api/sessions/current`` with a session reply shaped like SPAPS's (canned bytes,
 built once) and every other target with a JSON 404. It stops on SIGTERM, when its standard
 input reaches end-of-file (the harness went away), or after ``--max-seconds``.
 """

@@ -21,7 +21,8 @@ from spaps_mock import MockServer, RecordedRequest
 
 SURFACES = ("sync", "async")
 
-# Plain (non-awaitable) helpers that the async classes keep synchronous by contract.
+# Plain (non-awaitable) helpers that the async classes keep synchronous (docs/async.md, "How a
+# call runs"; docs/api.md, "AsyncSpapsClient").
 _PLAIN_METHODS = frozenset(
     {"get_tokens", "set_tokens", "clear_tokens", "get_stored_tokens", "clear_stored_tokens"}
 )

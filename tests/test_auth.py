@@ -1,4 +1,5 @@
-"""Auth service (contract 2.1 and 4.4), sync and async, over real HTTP to ``spaps_mock``.
+"""Auth service (docs/api.md, "Auth — AuthClient"), sync and async, over real HTTP to
+``spaps_mock``.
 
 Each test checks what the server saw (method, path, headers, JSON body) and what the
 caller got back (models, stored tokens, errors).
@@ -69,7 +70,7 @@ def last(server: MockServer, method: str, path: str) -> RecordedRequest:
 
 
 def assert_key_only(request: RecordedRequest) -> None:
-    """API key sent, no bearer token (contract 1.3 for the public auth endpoints)."""
+    """API key sent, no bearer token: sign-in calls send only the API key (docs/api.md, "Auth")."""
     assert request.headers.get("x-api-key") == API_KEY
     assert "authorization" not in request.headers
 
@@ -550,7 +551,7 @@ def test_logout_rejected_keeps_tokens(server: MockServer, signed_in: SpapsClient
 
 
 # --------------------------------------------------------------------------------------------
-# Current user and passwords (contract 4.4)
+# Current user and passwords (docs/api.md, "Auth — AuthClient")
 # --------------------------------------------------------------------------------------------
 
 

@@ -1,5 +1,5 @@
-"""Crypto invoices (``payments.crypto``, contract 2.3) sync and async, and the crypto webhook
-signature helper (contract 3.8 as tightened by issue 3)."""
+"""Crypto invoices (``payments.crypto``, docs/api.md, "Crypto invoices") sync and async, and
+the crypto webhook signature helper (docs/api.md, "Webhooks")."""
 
 from __future__ import annotations
 
@@ -323,7 +323,7 @@ def test_standalone_crypto_client_uses_header_builder(server: MockServer, surfac
         transport.close()
 
 
-# --- webhook signatures (contract 3.8, issue 3) -------------------------------------------
+# --- webhook signatures (docs/api.md, "verify_crypto_webhook_signature") ------------------
 
 SECRET = "whsec_test_secret"
 BODY = b'{"type":"invoice.confirmed","data":{"invoice_id":"inv_1"}}'

@@ -1,4 +1,5 @@
-"""Metrics and health (contract 2.7): raw bodies, no credentials, MetricsError on failure."""
+"""Metrics and health (docs/api.md, "Metrics and health"): raw bodies, no credentials,
+MetricsError on failure."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def only(server: MockServer, method: str, path: str) -> RecordedRequest:
 
 
 def assert_healthy(document: Dict[str, Any]) -> None:
-    """SPAPS's raw /health body: the verdict is under ``data`` (compatibility.md S19)."""
+    """SPAPS's raw /health body: the verdict is under ``data`` (docs/compatibility.md, row S19)."""
     assert document["success"] is True
     assert document["data"]["status"] == "ok"
     assert isinstance(document["data"]["version"], str)

@@ -1,4 +1,4 @@
-"""Response models (contract 1.7 and the model tables of 2.1/2.2): parsing, dumping, secrecy."""
+"""Response models (docs/api.md, "Models"): parsing, dumping, secrecy."""
 
 from __future__ import annotations
 
@@ -406,7 +406,7 @@ def test_payment_method_update_is_default_false_when_missing() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_models_are_dataclasses_with_contract_attributes() -> None:
+def test_models_are_dataclasses_with_the_reference_attributes() -> None:
     names = [name for name in spaps_client.__all__ if isinstance(getattr(spaps_client, name),
                                                                  type)]
     models = [getattr(spaps_client, name) for name in names

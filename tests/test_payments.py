@@ -1,6 +1,6 @@
-"""Payments (contract 2.3), sync and async: what SPAPS receives and what the caller gets back.
+"""Payments (docs/payments.md), sync and async: what SPAPS receives and what the caller gets back.
 
-Against SPAPS 0.6 (see docs/compatibility.md S11-S13): checkout goes to
+Against SPAPS 0.6 (see docs/compatibility.md, rows S11 to S13): checkout goes to
 ``POST /api/stripe/checkout-sessions`` with server-managed prices, subscriptions to
 ``/api/stripe/subscription/{id}``, and the other 0.1.2 ``/api/payments/*`` routes are 501 stubs
 that the client still calls (a server implementing them is used) but reports as a

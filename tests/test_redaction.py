@@ -1,4 +1,5 @@
-"""Credentials never reach hooks, logs or exception text; hooks fire in the contract's order."""
+"""Credentials never reach hooks, logs or exception text; hooks fire in the order docs/api.md
+("LoggingHooks and default_logging_hooks()") gives."""
 
 from __future__ import annotations
 

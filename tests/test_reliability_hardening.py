@@ -1,4 +1,4 @@
-"""Hardening under hostile or broken servers (issue 4, "Hardening").
+"""Hardening under hostile or broken servers (docs/reliability.md, "Hardening").
 
 Malformed bodies come from ``spaps_mock``'s ``raw_body``/``truncate`` faults or, where the mock
 cannot produce them (invalid UTF-8, 17 MiB, byte-by-byte trickles, redirects to other origins,

@@ -1,4 +1,5 @@
-"""Fault-injection tests of automatic token refresh (issue 4, "Sessions that survive expiry").
+"""Fault-injection tests of automatic token refresh (docs/reliability.md, "Sessions that
+survive expiry").
 
 Real HTTP over loopback against ``spaps_mock``: the server decides when tokens expire
 (``access_token_ttl``, ``expire_access_tokens()``, an injected ``clock``) and rotates refresh

@@ -1,4 +1,4 @@
-"""Fault-injection tests of the retry layer (issue 4, "Retries that are safe").
+"""Fault-injection tests of the retry layer (docs/reliability.md, "Retries that are safe").
 
 Every test talks real HTTP over loopback to ``spaps_mock`` (or to a port nobody listens on) and
 injects faults on the server side; nothing in ``urllib``/``http.client``/``socket`` is patched.

@@ -1,4 +1,4 @@
-"""Crash safety of ``FileTokenStorage`` (issue 4: "survives kill -9 at any instant").
+"""Crash safety of ``FileTokenStorage`` (docs/reliability.md, "Token files survive kill -9").
 
 A writer process saves token sets in a tight loop and is killed with SIGKILL at random moments;
 after every kill the token file must hold one complete set (the old or a new one), with mode 0600

@@ -1,4 +1,5 @@
-"""Secure messages (contract 2.6), sync and async: camelCase requests, snake_case models."""
+"""Secure messages (docs/api.md, "Secure messages"), sync and async: camelCase requests,
+snake_case models."""
 
 from __future__ import annotations
 
@@ -239,7 +240,8 @@ def test_standalone_secure_messages_client(server: MockServer, surface: str, pat
 
 
 def test_sync_client_without_token_sends_the_request_without_bearer(server: MockServer) -> None:
-    """Contract 1.3: sync secure messages send ``Authorization`` only when a token exists."""
+    """Without a token the request goes out with no ``Authorization`` header (docs/api.md,
+    "Secure messages")."""
     client = standalone("sync", "SecureMessagesClient", base_url=server.url, api_key=API_KEY)
     try:
         with pytest.raises(SecureMessagesError) as caught:

@@ -1,4 +1,4 @@
-"""Sessions service (contract 2.2), sync and async, over real HTTP to ``spaps_mock``."""
+"""Sessions service (docs/api.md, "Sessions"), sync and async, over real HTTP to ``spaps_mock``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Token storage (contract 1.6, 3.2, 3.7): in memory, on disk, and through the clients."""
+"""Token storage (docs/token-storage.md): in memory, on disk, and through the clients."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""The public surface of contract section 3: exports, error classes, constructors, constants,
-and the issue's quality bar that no sync/async twin code exists in ``spaps_client.py``."""
+"""The public surface: the reference client's exports, error classes, constructors and
+constants (docs/compatibility.md, docs/api.md), and no sync/async twin code in
+``spaps_client.py``: each coroutine runs the matching sync method (docs/async.md, "How a call
+runs")."""
 
 from __future__ import annotations
 
@@ -37,8 +39,9 @@ from spaps_client import (
 )
 from spaps_mock import ADMIN_EMAIL, ADMIN_PASSWORD, MockServer
 
-# Contract 3.1: the 72 names of the reference client's ``__all__``.
-CONTRACT_ALL = [
+# The 72 names of the reference client 0.1.2's ``__all__`` (docs/compatibility.md: the same
+# names as the reference client).
+REFERENCE_ALL = [
     "__version__",
     "SpapsClient", "AsyncSpapsClient",
     "AuthClient", "SessionsClient", "PaymentsClient", "CryptoPaymentsClient", "UsageClient",
@@ -64,7 +67,7 @@ CONTRACT_ALL = [
     "verify_crypto_webhook_signature",
 ]
 
-# Names added beyond the contract for the real SPAPS usage API (authorize, then record).
+# Names added beyond the reference client for the real SPAPS usage API (authorize, then record).
 SPAPS_ADDITIONS = ["UsageAuthorization", "UsageReason", "UsageWindow", "UsageEvent"]
 
 
@@ -94,7 +97,7 @@ METHOD_KEYWORDS: List[Tuple[str, str, List[str], List[str]]] = [
 
 @pytest.mark.parametrize(("service", "method", "old", "new"), METHOD_KEYWORDS,
                          ids=[f"{m[0]}.{m[1]}" for m in METHOD_KEYWORDS])
-def test_method_keywords_keep_the_contract_and_add_the_spaps_ones(
+def test_method_keywords_keep_the_reference_ones_and_add_the_spaps_ones(
     service: str, method: str, old: List[str], new: List[str]
 ) -> None:
     parameters = inspect.signature(getattr(getattr(spaps_client, service), method)).parameters
@@ -132,19 +135,19 @@ SERVICE_ERRORS = ["AuthError", "SessionError", "PaymentsError", "CryptoPaymentsE
                   "UsageError", "WhitelistError", "SecureMessagesError"]
 
 
-def test_contract_names_are_all_exported() -> None:
-    assert len(CONTRACT_ALL) == len(set(CONTRACT_ALL)) == 72
-    missing_from_all = [name for name in CONTRACT_ALL if name not in spaps_client.__all__]
-    missing_attrs = [name for name in CONTRACT_ALL if not hasattr(spaps_client, name)]
+def test_reference_names_are_all_exported() -> None:
+    assert len(REFERENCE_ALL) == len(set(REFERENCE_ALL)) == 72
+    missing_from_all = [name for name in REFERENCE_ALL if name not in spaps_client.__all__]
+    missing_attrs = [name for name in REFERENCE_ALL if not hasattr(spaps_client, name)]
     assert missing_from_all == []
     assert missing_attrs == []
     assert isinstance(spaps_client.__version__, str) and spaps_client.__version__
 
 
-def test_star_import_gives_the_contract_names() -> None:
+def test_star_import_gives_the_reference_names() -> None:
     namespace: Dict[str, Any] = {}
     exec("from spaps_client import *", namespace)  # the import users write
-    assert set(CONTRACT_ALL) - {"__version__"} <= set(namespace)
+    assert set(REFERENCE_ALL) - {"__version__"} <= set(namespace)
 
 
 def test_every_exported_name_exists() -> None:
@@ -184,7 +187,7 @@ def test_service_errors_are_distinct_classes() -> None:
         assert [other for other in classes if other is not cls and issubclass(cls, other)] == []
 
 
-# --- constructors (contract 3.3) ----------------------------------------------------------
+# --- constructors (docs/api.md, "Service clients") ----------------------------------------
 
 BASE = "http://127.0.0.1:9/spaps//"
 STRIPPED = "http://127.0.0.1:9/spaps"
@@ -337,11 +340,11 @@ def test_injected_client_is_used_and_left_open(server: MockServer, surface: str)
         transport.close()
 
 
-# --- aggregate clients (contract 3.2) -----------------------------------------------------
+# --- aggregate clients (docs/api.md, "Aggregate clients") ---------------------------------
 
 
 @pytest.mark.parametrize("surface", SURFACES)
-def test_aggregate_accepts_contract_keywords_with_dict_configs(
+def test_aggregate_accepts_its_keywords_with_dict_configs(
     server: MockServer, surface: str
 ) -> None:
     storage = InMemoryTokenStorage()
@@ -447,7 +450,7 @@ def test_crypto_invoice_path_helper() -> None:
     assert cls._invoice_path("inv_1", include_prefix=True) == "/api/payments/crypto/invoices/inv_1"
 
 
-# --- no sync/async twin code (issue 3 quality bar) ----------------------------------------
+# --- no sync/async twin code (docs/async.md, "How a call runs") ---------------------------
 
 _ROW = re.compile(r"^D\d+ (\S+?):(\d+)-(\d+) ~ (\S+?):(\d+)-(\d+)(.*)$")
 

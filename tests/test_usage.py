@@ -1,4 +1,5 @@
-"""Usage metering (contract 2.4), sync and async: features, record, history."""
+"""Usage metering (docs/api.md, "Usage"; docs/usage-metering.md), sync and async: features,
+record, history."""
 
 from __future__ import annotations
 

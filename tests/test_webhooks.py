@@ -1,4 +1,4 @@
-"""SPAPS webhook verification (contract 4.2): ``verify_spaps_webhook`` and
+"""SPAPS webhook verification (docs/api.md, "Webhooks"): ``verify_spaps_webhook`` and
 ``generate_test_signature``."""
 
 from __future__ import annotations

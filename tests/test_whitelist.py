@@ -1,4 +1,4 @@
-"""Whitelist (contract 2.5), sync and async: check, list, add, update, remove."""
+"""Whitelist (docs/api.md, "Whitelist"), sync and async: check, list, add, update, remove."""
 
 from __future__ import annotations
 
