@@ -1,12 +1,12 @@
 """spaps_client: a zero-dependency Python client for SPAPS.
 
 SPAPS is the Sweet Potato Authentication & Payment Service. This single module
-is the whole client: password, magic-link and wallet sign-in, sessions, Stripe
-checkouts, crypto invoices, usage metering, secure messages, whitelist and
-health checks, with a sync surface (``SpapsClient``) and an async one
-(``AsyncSpapsClient``). It imports only the Python standard library (3.9+), so
-it can be vendored as one file, installed with ``pip install spaps-stdlib``
-or shipped in an AWS Lambda layer.
+is the whole client: password, magic-link, wallet and MFA sign-in, sessions,
+Stripe checkouts, crypto invoices, usage metering, entitlements, secure
+messages, whitelist and health checks, with a sync surface (``SpapsClient``)
+and an async one (``AsyncSpapsClient``). It imports only the Python
+standard library (3.9+), so it can be vendored as one file, installed with
+``pip install spaps-stdlib`` or shipped in an AWS Lambda layer.
 
 Version: 0.5.0.   Licence: MIT (the notice is in the LICENSE file of the
 ``spaps-stdlib`` distribution; keep it next to a vendored copy).   Documentation:
@@ -21,64 +21,64 @@ Quick start::
         spaps.auth.sign_in_with_password(email="a@example.com", password="...")
         print(spaps.sessions.get_current_session().session_id)
 
-Sections, top-down: lazy dataclasses, configuration, errors, transport, models,
-token storage, services (sync, then the async classes derived from them),
-webhooks, aggregate clients, command line.
+Sections, each building on the ones above it: configuration, errors, wire
+(HTTP/1.1 framing), transport (connections, proxies, TLS), retries, models,
+token storage, services, async, webhooks, clients, command line.
 """
 
 from __future__ import annotations
 
-import _thread
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
 import os
+import random
+import re
+import select
+import socket
 import sys
+import threading
 import time
-from _collections_abc import Mapping  # collections.abc without importing collections
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime, timedelta, timezone
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    ClassVar,
+    ContextManager,
+    Coroutine,
+    Dict,
+    Generic,
+    List,
+    Optional,
+    Tuple,
+    Type,
+    TypeVar,
+    Union,
+    get_type_hints,
+    overload,
+)
+from urllib.parse import quote, unquote, urlencode, urljoin
 
-# ``typing`` costs ~5 ms of import time and annotations are strings here
-# (PEP 563), so it is imported for type checkers only; mypy honours this flag.
-TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import socket
     import ssl
-    import threading
     from concurrent.futures import ThreadPoolExecutor
-    from contextlib import AbstractContextManager
-    from dataclasses import dataclass as _dataclass
-    from dataclasses import field as _field
-    from typing import (
-        Any,
-        Callable,
-        ClassVar,
-        Coroutine,
-        Dict,
-        List,
-        Optional,
-        Tuple,
-        Type,
-        TypeVar,
-        Union,
-    )
-    from typing import Generic as _GenericBase
 
-    # ParamSpec is 3.10+ (and typing_extensions is not the standard library): checkers that
-    # target 3.9 get the plainer signatures of _async_twin and _keywords_of below.
+    # ParamSpec is 3.10+ and typing_extensions is not the standard library: a checker that
+    # targets 3.9 sees async results typed and async parameters unchecked (docs/async.md).
     if sys.version_info >= (3, 10):
         from typing import Concatenate, ParamSpec
 
         _P = ParamSpec("_P")
-    _T = TypeVar("_T")
-    _M = TypeVar("_M", bound="_Model")
-    _S = TypeVar("_S", bound="_Service")
-    _A = TypeVar("_A", bound="_AsyncService[Any]")
-else:
 
-    class _GenericBase:
-        """Stands in for ``typing.Generic`` at run time: ``Base[X]`` is just ``Base``."""
-
-        def __class_getitem__(cls, item):
-            return cls
+_T = TypeVar("_T")
+_M = TypeVar("_M", bound="_Model")
+_S = TypeVar("_S", bound="_Service")
 
 __version__ = "0.5.0"
 
@@ -88,12 +88,14 @@ __all__ = [
     "Settings", "RetryConfig", "LoggingHooks", "default_logging_hooks",
     "DEFAULT_BASE_URL", "DEFAULT_API_KEY", "DEFAULT_TIMEOUT",
     # errors
-    "SpapsError", "SpapsTransportError", "SpapsTimeoutError", "SpapsConfigurationError",
-    "AuthError", "SessionError", "PaymentsError", "CryptoPaymentsError", "UsageError",
-    "WhitelistError", "SecureMessagesError", "MetricsError", "WebhookVerificationError",
-    "MfaRequiredError", "EntitlementsError",
-    # transport
-    "HttpRequest", "HttpResponse", "RetryClient", "RetryAsyncClient", "create_http_client",
+    "SpapsError", "SpapsTransportError", "SpapsConnectError", "SpapsTimeoutError",
+    "SpapsConnectTimeoutError", "SpapsConfigurationError", "AuthError", "SessionError",
+    "PaymentsError", "CryptoPaymentsError", "UsageError", "WhitelistError", "SecureMessagesError",
+    "MetricsError", "WebhookVerificationError", "MfaRequiredError", "EntitlementsError",
+    "TokenStorageError",
+    # transport and retries
+    "HttpRequest", "HttpResponse", "HttpTransport", "RetryClient", "RetryAsyncClient",
+    "create_http_client",
     # models
     "NonceResponse", "TokenPair", "TokenUser", "RegistrationTokens", "RegistrationUser",
     "RegistrationResponse", "MagicLinkSendResponse", "MagicLinkAuthResponse", "MessageResponse",
@@ -114,21 +116,20 @@ __all__ = [
     "SecureMessage", "SpapsWebhookPayload",
     # token storage
     "StoredTokens", "TokenStorage", "InMemoryTokenStorage", "FileTokenStorage",
-    "RedisTokenStorage", "TokenStorageError",
+    "RedisTokenStorage",
     # services
     "AuthClient", "SessionsClient", "PaymentsClient", "CryptoPaymentsClient", "UsageClient",
     "WhitelistClient", "SecureMessagesClient", "MetricsClient", "EntitlementsClient",
-    "AsyncEntitlementsClient", "AsyncAuthClient", "AsyncSessionsClient", "AsyncPaymentsClient",
-    "AsyncCryptoPaymentsClient", "AsyncUsageClient", "AsyncWhitelistClient",
-    "AsyncSecureMessagesClient", "AsyncMetricsClient",
+    "AsyncAuthClient", "AsyncSessionsClient", "AsyncPaymentsClient", "AsyncCryptoPaymentsClient",
+    "AsyncUsageClient", "AsyncWhitelistClient", "AsyncSecureMessagesClient",
+    "AsyncMetricsClient", "AsyncEntitlementsClient",
     # webhooks
     "verify_crypto_webhook_signature", "verify_spaps_webhook", "generate_test_signature",
-    # aggregate clients
-    "SpapsClient", "AsyncSpapsClient", "ASYNC_WORKERS",
+    # clients
+    "SpapsClient", "AsyncSpapsClient",
     # command line
     "main", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_UNREACHABLE", "EXIT_NOT_SIGNED_IN",
 ]
-
 
 _REDACTED = "[redacted]"
 _USER_AGENT = (
@@ -136,151 +137,11 @@ _USER_AGENT = (
 )
 
 
-# =============================================================================
-# Lazy dataclasses
-# =============================================================================
-#
-# Settings, configs, tokens and every response model are dataclasses, but
-# building ~50 of them (and importing ``dataclasses``, which pulls in
-# ``inspect``) would triple the import time that Lambda users pay on every
-# cold start. So the classes are declared as dataclasses (type checkers see
-# exactly that) and work from their own annotations (``_schema``): they are
-# constructed, compared, printed and parsed without the ``dataclasses``
-# module. The first time anything introspects one (``dataclasses.fields()``,
-# ``is_dataclass()``, ``asdict()``), it is turned into the real dataclass.
+def _logger(name: str = "spaps_client") -> Any:
+    """The named stdlib logger; ``logging`` is imported only once something is reported."""
+    import logging
 
-if not TYPE_CHECKING:
-
-    def _dataclass(**options):
-        def mark(cls):
-            cls._dataclass_options = options
-            return cls
-
-        return mark
-
-    class _FieldLater:
-        __slots__ = ("options",)
-
-        def __init__(self, options):
-            self.options = options
-
-    def _field(**options):
-        return _FieldLater(options)
-
-
-_DATACLASS_ATTRIBUTES = frozenset({"__dataclass_fields__", "__dataclass_params__",
-                                   "__match_args__"})
-_MATERIALIZE_LOCK = _thread.RLock()
-_NO_DEFAULT: Any = object()
-
-
-class _FieldInfo:
-    """One declared field: name, annotation text, default or factory, alias, repr."""
-
-    __slots__ = ("alias", "aliases", "annotation", "default", "factory", "name", "repr")
-
-    def __init__(self, name: str, annotation: str, declared: Any) -> None:
-        self.name = name
-        self.annotation = annotation
-        options = declared.options if type(declared).__name__ == "_FieldLater" else (
-            {} if declared is _NO_DEFAULT else {"default": declared})
-        self.default = options.get("default", _NO_DEFAULT)
-        self.factory: Optional[Callable[[], Any]] = options.get("default_factory")
-        # "alias" is the JSON name (a string) or several accepted names, the first preferred.
-        names = options.get("metadata", {}).get("alias") or ()
-        self.aliases: Tuple[str, ...] = (names,) if isinstance(names, str) else tuple(names)
-        self.alias: Optional[str] = self.aliases[0] if self.aliases else None
-        self.repr: bool = options.get("repr", True)
-
-
-def _schema(cls: type) -> Tuple[_FieldInfo, ...]:
-    """The fields ``cls`` declares, in order, read from its annotations once."""
-    schema: Optional[Tuple[_FieldInfo, ...]] = cls.__dict__.get("_spaps_schema")
-    if schema is None:
-        with _MATERIALIZE_LOCK:  # read the declarations before materializing can change them
-            schema = cls.__dict__.get("_spaps_schema")
-            if schema is None:
-                # The class's own annotations (getattr alone may see a base's on 3.9; the
-                # fallback serves Pythons that build annotations lazily).
-                annotations = (cls.__dict__.get("__annotations__")  # noqa: RUF063
-                               or getattr(cls, "__annotations__", {}))
-                schema = tuple(
-                    _FieldInfo(name, str(text), cls.__dict__.get(name, _NO_DEFAULT))
-                    for name, text in annotations.items()
-                )
-                type.__setattr__(cls, "_spaps_schema", schema)
-    return schema
-
-
-class _LazyDataclassMeta(type):
-    if not TYPE_CHECKING:
-
-        def __getattr__(cls, name):
-            # Only reached for attributes the class lacks: dataclass introspection.
-            if name in _DATACLASS_ATTRIBUTES and "_dataclass_options" in cls.__dict__:
-                _materialize(cls)
-                return type.__getattribute__(cls, name)
-            raise AttributeError(name)
-
-
-def _materialize(cls: type) -> None:
-    """Make ``cls`` the dataclass it was declared as (once, thread-safely)."""
-    if "__dataclass_fields__" in cls.__dict__:
-        return
-    import dataclasses
-
-    with _MATERIALIZE_LOCK:
-        if "__dataclass_fields__" in cls.__dict__:
-            return
-        _schema(cls)
-        for name, value in list(vars(cls).items()):
-            if type(value).__name__ == "_FieldLater":
-                setattr(cls, name, dataclasses.field(**value.options))
-        dataclasses.dataclass(cls, **cls.__dict__["_dataclass_options"])
-
-
-class _LazyDataclass(metaclass=_LazyDataclassMeta):
-    """Base of the lazily built dataclasses: ``__init__``, ``repr`` and ``==`` by field."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        cls = type(self)
-        schema = _schema(cls)
-        if len(args) > len(schema):
-            raise TypeError(f"{cls.__name__}() takes {len(schema)} positional arguments "
-                            f"but {len(args)} were given")
-        for info, value in zip(schema, args):
-            if info.name in kwargs:
-                raise TypeError(f"{cls.__name__}() got multiple values for {info.name!r}")
-            kwargs[info.name] = value
-        for info in schema:
-            if info.name in kwargs:
-                value = kwargs.pop(info.name)
-            elif info.factory is not None:
-                value = info.factory()
-            elif info.default is not _NO_DEFAULT:
-                value = info.default
-            else:
-                raise TypeError(f"{cls.__name__}() missing required argument {info.name!r}")
-            object.__setattr__(self, info.name, value)
-        if kwargs:
-            raise TypeError(f"{cls.__name__}() got unexpected keyword arguments "
-                            f"{sorted(kwargs)!r}")
-        post_init = getattr(self, "__post_init__", None)
-        if post_init is not None:
-            post_init()
-
-    def __repr__(self) -> str:
-        shown = ", ".join(
-            f"{info.name}={getattr(self, info.name)!r}" for info in _schema(type(self))
-            if info.repr
-        )
-        return f"{type(self).__name__}({shown})"
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        return all(getattr(self, info.name) == getattr(other, info.name)
-                   for info in _schema(type(self)))
+    return logging.getLogger(name)
 
 
 # =============================================================================
@@ -297,8 +158,8 @@ DEFAULT_TIMEOUT = 10.0
 """Seconds allowed for one call, retries included, unless configured otherwise."""
 
 
-@_dataclass(repr=False, eq=False)
-class Settings(_LazyDataclass):
+@dataclass(init=False)
+class Settings:
     """Connection settings, read from arguments first and ``SPAPS_*`` variables second.
 
     An explicit argument (anything but ``None``) wins over the environment; an
@@ -306,25 +167,19 @@ class Settings(_LazyDataclass):
     appears in ``repr()``.
     """
 
-    base_url: str = ""
-    api_key: str = _field(default="", repr=False)
-    request_timeout: float = DEFAULT_TIMEOUT
+    base_url: str
+    api_key: str = field(repr=False)
+    request_timeout: float
 
-    def __init__(
-        self,
-        *,
-        base_url: Optional[str] = None,
-        api_key: Optional[str] = None,
-        request_timeout: Optional[float] = None,
-    ) -> None:
+    def __init__(self, *, base_url: Optional[str] = None, api_key: Optional[str] = None,
+                 request_timeout: Optional[float] = None) -> None:
+        env = os.environ
         self.base_url = base_url if base_url is not None else (
-            os.environ.get("SPAPS_API_URL") or DEFAULT_BASE_URL
-        )
+            env.get("SPAPS_API_URL") or DEFAULT_BASE_URL)
         self.api_key = api_key if api_key is not None else (
-            os.environ.get("SPAPS_API_KEY") or DEFAULT_API_KEY
-        )
+            env.get("SPAPS_API_KEY") or DEFAULT_API_KEY)
         if request_timeout is None:
-            raw = os.environ.get("SPAPS_REQUEST_TIMEOUT")
+            raw = env.get("SPAPS_REQUEST_TIMEOUT")
             try:
                 request_timeout = float(raw) if raw else DEFAULT_TIMEOUT
             except ValueError:
@@ -333,18 +188,18 @@ class Settings(_LazyDataclass):
         self.request_timeout = float(request_timeout)
 
 
-@_dataclass(repr=False, eq=False)
-class RetryConfig(_LazyDataclass):
-    """How failed calls are retried. Retries are on by default (``RetryConfig()``).
+@dataclass
+class RetryConfig:
+    """When and how often a failed call is sent again; retries are on by default.
 
-    A request is sent again only when that cannot duplicate its effect: the
-    method is listed in ``methods`` (idempotent by HTTP), the call carries an
-    idempotency key, the connection could not be established, or the server
-    answered 429 (it did not process the request). A ``Retry-After`` header is
-    honoured up to ``max_retry_after`` seconds; a longer one fails the call at
-    once with the error's ``retry_after`` set. ``retry_quota`` bounds retries
-    across all calls of one client (a token bucket as in botocore's standard
-    mode) so a dead server is not hammered by every caller.
+    A request is sent again only when that cannot duplicate its effect: its
+    method is in ``methods`` (idempotent by HTTP), it carries an idempotency
+    key, the connection could not be established, or the server answered 429
+    (it did not act). A ``Retry-After`` up to ``max_retry_after`` seconds is
+    waited out; a longer one ends the call at once with the error's
+    ``retry_after`` set. ``retry_quota`` bounds retries across all calls of one
+    client, a token bucket as in botocore's standard mode, so a dead server is
+    not hammered by every caller.
     """
 
     max_attempts: int = 3
@@ -372,30 +227,28 @@ class RetryConfig(_LazyDataclass):
                     and 429 in self.status_codes)
         return response is None or response.status_code in self.status_codes
 
-    def get_backoff(self, attempt: int) -> float:
-        """Seconds to wait before attempt number ``attempt`` (1-based)."""
+    def get_backoff(self, attempt: int, random: Callable[[], float] = random.random) -> float:
+        """Seconds to wait before attempt number ``attempt`` (1-based); ``random`` gives
+        the jitter (a number in [0, 1))."""
         if attempt <= 1:
             return 0.0
         delay = min(self.max_backoff, self.backoff_factor * (2.0 ** (attempt - 2)))
         if self.jitter and delay > 0:
-            import random
-
-            # Equal jitter: spread the retries without ever collapsing to zero.
-            delay = delay / 2 + random.uniform(0, delay / 2)  # noqa: S311 - not crypto
+            delay = delay / 2 + delay / 2 * random()  # equal jitter: spread, never zero
         return delay
 
 
-@_dataclass(repr=False, eq=False)
-class LoggingHooks(_LazyDataclass):
-    """Callbacks observing every HTTP exchange; each field is optional.
+@dataclass
+class LoggingHooks:
+    """Callbacks observing every HTTP exchange; each is optional.
 
     ``on_request(request)`` once per call; ``on_response(request, response,
-    elapsed, attempt)`` for every attempt that got an answer; ``on_error(request,
-    exc, attempt)`` for every attempt that raised; ``on_retry(request,
-    attempt)`` before attempt ``attempt`` (>= 2); ``on_backoff(request, delay,
-    attempt)`` before sleeping ``delay`` seconds; ``on_give_up(request, reason,
-    attempt)`` when a retryable failure is not retried. Requests and responses
-    handed to hooks never contain credentials. A hook that raises is reported
+    elapsed, attempt)`` for every attempt answered; ``on_error(request, exc,
+    attempt)`` for every attempt that raised; ``on_retry(request, attempt)``
+    before attempt ``attempt`` (>= 2); ``on_backoff(request, delay, attempt)``
+    before sleeping ``delay`` seconds; ``on_give_up(request, reason, attempt)``
+    when a retryable failure is not retried. Requests and responses handed to
+    hooks are redacted: no credentials, no body. A hook that raises is reported
     on the ``spaps_client.http`` logger and otherwise ignored.
     """
 
@@ -409,51 +262,25 @@ class LoggingHooks(_LazyDataclass):
 
 def default_logging_hooks() -> LoggingHooks:
     """Hooks that log to the ``spaps_client.http`` logger with structured ``extra`` fields."""
-    import logging
+    logger = _logger("spaps_client.http")
+    debug, info, warning = 10, 20, 30  # the logging levels
 
-    logger = logging.getLogger("spaps_client.http")
+    def log(level: int, message: str, request: HttpRequest, **extra: Any) -> None:
+        logger.log(level, message, extra={"method": request.method, "url": request.url, **extra})
 
-    def on_request(request: HttpRequest) -> None:
-        logger.debug("HTTP request", extra={"method": request.method, "url": request.url})
-
-    def on_response(
-        request: HttpRequest, response: HttpResponse, elapsed: float, attempt: int
-    ) -> None:
-        logger.info(
-            "HTTP response",
-            extra={
-                "method": request.method, "url": request.url, "status": response.status_code,
-                "elapsed": elapsed, "attempt": attempt, "request_id": response.request_id,
-            },
-        )
-
-    def on_error(request: HttpRequest, exc: Exception, attempt: int) -> None:
-        logger.warning(
-            "HTTP error",
-            extra={"method": request.method, "url": request.url, "error": repr(exc),
-                   "attempt": attempt},
-        )
-
-    def on_retry(request: HttpRequest, attempt: int) -> None:
-        logger.debug(
-            "HTTP retry", extra={"method": request.method, "url": request.url, "attempt": attempt}
-        )
-
-    def on_backoff(request: HttpRequest, delay: float, attempt: int) -> None:
-        logger.debug(
-            "HTTP backoff",
-            extra={"method": request.method, "url": request.url, "delay": delay,
-                   "attempt": attempt},
-        )
-
-    def on_give_up(request: HttpRequest, reason: str, attempt: int) -> None:
-        logger.warning(
-            "HTTP give up",
-            extra={"method": request.method, "url": request.url, "reason": reason,
-                   "attempt": attempt},
-        )
-
-    return LoggingHooks(on_request, on_response, on_error, on_retry, on_backoff, on_give_up)
+    return LoggingHooks(
+        on_request=lambda request: log(debug, "HTTP request", request),
+        on_response=lambda request, response, elapsed, attempt: log(
+            info, "HTTP response", request, status=response.status_code, elapsed=elapsed,
+            attempt=attempt, request_id=response.request_id),
+        on_error=lambda request, exc, attempt: log(
+            warning, "HTTP error", request, error=repr(exc), attempt=attempt),
+        on_retry=lambda request, attempt: log(debug, "HTTP retry", request, attempt=attempt),
+        on_backoff=lambda request, delay, attempt: log(
+            debug, "HTTP backoff", request, delay=delay, attempt=attempt),
+        on_give_up=lambda request, reason, attempt: log(
+            warning, "HTTP give up", request, reason=reason, attempt=attempt),
+    )
 
 
 def _coerce_config(value: Any, kind: Type[_T]) -> Optional[_T]:
@@ -476,27 +303,20 @@ class SpapsError(Exception):
     Attributes: ``message``; ``status_code`` (HTTP status, ``None`` when no
     response arrived); ``error_code`` (the server's code such as
     ``INVALID_CREDENTIALS``); ``request_id`` (for support tickets); ``response``
-    (an ``HttpResponse`` without body, or ``None``); ``retry_after`` (seconds
-    the server asked to wait, if any); ``retryable`` (whether sending the same
+    (the redacted ``HttpResponse``: no body, or ``None``); ``retry_after``
+    (seconds the server asked to wait); ``retryable`` (whether sending the same
     request again later is safe and may succeed); ``details`` (the server's
-    ``error.details`` object, e.g. ``{"fields": {"email": "..."}}`` for a
-    ``VALIDATION_ERROR``; empty when it sent none). ``str(error)`` is the message.
+    ``error.details``, e.g. ``{"fields": {"email": "..."}}``; empty when it sent
+    none). ``str(error)`` is the message.
     """
 
     _MAX_MESSAGE = 500
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        status_code: Optional[int] = None,
-        error_code: Optional[str] = None,
-        response: Optional[HttpResponse] = None,
-        request_id: Optional[str] = None,
-        retry_after: Optional[float] = None,
-        retryable: Optional[bool] = None,
-        details: Optional[Dict[str, Any]] = None,
-    ) -> None:
+    def __init__(self, message: str, *, status_code: Optional[int] = None,
+                 error_code: Optional[str] = None, response: Optional[HttpResponse] = None,
+                 request_id: Optional[str] = None, retry_after: Optional[float] = None,
+                 retryable: Optional[bool] = None,
+                 details: Optional[Dict[str, Any]] = None) -> None:
         message = str(message)
         if len(message) > self._MAX_MESSAGE:
             message = message[: self._MAX_MESSAGE] + "... (truncated)"
@@ -507,34 +327,38 @@ class SpapsError(Exception):
         self.response = response
         self.request_id = request_id
         self.retry_after = retry_after
-        if retryable is None:
-            retryable = status_code in (429, 502, 503, 504)
-        self.retryable = retryable
+        self.retryable = status_code in (429, 502, 503, 504) if retryable is None else retryable
         self.details: Dict[str, Any] = details or {}
 
     def __str__(self) -> str:
         return self.message
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}({self.message!r}, status_code={self.status_code!r}, "
-            f"error_code={self.error_code!r}, request_id={self.request_id!r})"
-        )
+        return (f"{type(self).__name__}({self.message!r}, status_code={self.status_code!r}, "
+                f"error_code={self.error_code!r}, request_id={self.request_id!r})")
 
 
 class SpapsTransportError(SpapsError):
-    """The request could not be completed: DNS, connect, TLS, reset or protocol failure."""
+    """The exchange failed: DNS, connect, TLS, reset, or a response that breaks HTTP/1.1."""
 
     def __init__(self, message: str, *, retryable: bool = True, **kwargs: Any) -> None:
         super().__init__(message, retryable=retryable, **kwargs)
+
+
+class SpapsConnectError(SpapsTransportError):
+    """No connection could be made: the request provably never reached the server."""
 
 
 class SpapsTimeoutError(SpapsTransportError):
     """The call did not complete within its time budget."""
 
 
+class SpapsConnectTimeoutError(SpapsConnectError, SpapsTimeoutError):
+    """The time budget ran out while connecting (so the request never left)."""
+
+
 class SpapsConfigurationError(SpapsError, ValueError):
-    """The client is configured in a way that would be unsafe or cannot work (a bad base URL,
+    """The client is configured in a way that is unsafe or cannot work (a bad base URL,
     credentials over plain HTTP to a remote host, a closed client). Also a ``ValueError``."""
 
     def __init__(self, message: str) -> None:
@@ -548,7 +372,7 @@ class AuthError(SpapsError):
 class MfaRequiredError(AuthError):
     """The password was right and the account asks for a second factor.
 
-    Complete the sign-in with ``auth.verify_mfa(challenge_id=error.challenge_id,
+    Finish with ``auth.verify_mfa(challenge_id=error.challenge_id,
     challenge=error.challenge, code=...)``; ``methods`` lists the factors the
     server accepts (e.g. ``["totp"]``), ``expires_at`` when the challenge lapses.
     The challenge is never part of ``str()`` or ``repr()``.
@@ -596,6 +420,13 @@ class MetricsError(SpapsError):
     """A metrics or health endpoint answered with an error status."""
 
 
+class TokenStorageError(SpapsError):
+    """The token storage could not be read or written (Redis down, a lock lost, ...)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code="TOKEN_STORAGE_FAILED", retryable=False)
+
+
 class WebhookVerificationError(SpapsError, ValueError):
     """A webhook's signature, timestamp or payload is not acceptable; see ``code``.
 
@@ -608,119 +439,317 @@ class WebhookVerificationError(SpapsError, ValueError):
 
 
 # =============================================================================
-# Transport
+# Wire: HTTP/1.1 framing (RFC 9112)
+# =============================================================================
+#
+# Strict by default, as h11 is: a response that breaks the grammar fails the
+# exchange and its connection is closed, because bytes framed wrongly would be
+# read as the next response on that connection.
+
+_MAX_HEAD = 65536
+_MAX_BODY = 16 * 1024 * 1024
+_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+_STATUS_LINE = re.compile(rb"HTTP/1\.([0-9]) ([0-9]{3})(?: [\t \x21-\x7e\x80-\xff]*)?")
+# field-name ":" OWS field-value OWS; a value is visible characters with inner spaces.
+_FIELD_LINE = re.compile(
+    rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+):[ \t]*"
+    rb"((?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?)[ \t]*")
+_LINE_BREAK = re.compile(rb"\r?\n")
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,20})[ \t]*(?:;[^\r\n]*)?")
+_NO_HEADERS: Dict[str, str] = {}
+_FRAMING_HEADERS = frozenset({"host", "content-length", "transfer-encoding"})
+
+
+class _ProtocolError(Exception):
+    """The peer broke HTTP/1.1; the connection must not be used again."""
+
+
+def _encode_request(method: str, target: str, host: str, headers: Mapping[str, str],
+                    body: Optional[bytes]) -> bytes:
+    """The request head (and body) as bytes; refuses anything that could split it."""
+    if not _TOKEN.fullmatch(method.encode("latin-1", "replace")):
+        raise SpapsConfigurationError(f"not an HTTP method: {method!r}")
+    if not target.isascii() or not target.isprintable() or " " in target:
+        raise SpapsConfigurationError("the URL contains a space, a line break or a non-ASCII "
+                                      "character; refusing to send a request that could split")
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", "Accept-Encoding: identity"]
+    for name, value in headers.items():
+        if name.lower() in _FRAMING_HEADERS:
+            raise SpapsConfigurationError(f"the {name} header is set by the client itself")
+        if not _TOKEN.fullmatch(name.encode("latin-1", "replace")) or not (
+                value.replace("\t", " ").isprintable()):
+            raise SpapsConfigurationError(
+                f"header {name!r} has a line break or control character; refusing to send a "
+                "request that could be split")
+        lines.append(f"{name}: {value}")
+    if body is not None or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body or b'')}")
+    try:
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    except UnicodeEncodeError:
+        raise SpapsConfigurationError("a header value is not Latin-1 text") from None
+    return head + body if body else head
+
+
+class _Reader:
+    """Buffered reads from a socket under one deadline for the whole response.
+
+    A socket timeout alone bounds each ``recv``: a server trickling a byte at a
+    time could hold a call forever. Each read here gets only the time left.
+    """
+
+    __slots__ = ("buffer", "deadline", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = bytearray()
+        self.deadline = 0.0
+
+    def fill(self) -> bool:
+        """Read more into the buffer; ``False`` at end of stream."""
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the response did not arrive within the call's time budget")
+        self.sock.settimeout(remaining)
+        chunk = self.sock.recv(65536)
+        self.buffer += chunk
+        return bool(chunk)
+
+    def take(self, size: int) -> bytes:
+        data = bytes(self.buffer[:size])
+        del self.buffer[:size]  # cheap: a bytearray drops its head without copying the rest
+        return data
+
+    def line(self, *, crlf: bool = False) -> bytes:
+        """One line without its ending: CRLF, or with ``crlf=False`` a bare LF too."""
+        start = 0
+        while True:
+            end = self.buffer.find(b"\n", start)
+            if end >= 0:
+                line = self.take(end + 1)[:-1]
+                if line.endswith(b"\r"):
+                    return line[:-1]
+                if crlf:
+                    raise _ProtocolError("a chunk size line does not end with CRLF")
+                return line
+            if len(self.buffer) > _MAX_HEAD:
+                raise _ProtocolError("a line of the response is too long")
+            start = len(self.buffer)
+            if not self.fill():
+                raise _ProtocolError("the response was cut short")
+
+    def head(self) -> List[bytes]:
+        """The lines of one header block, up to the blank line that ends it."""
+        start = 0
+        while True:
+            found = _BLANK_LINE.search(self.buffer, start)
+            if found:
+                head = self.take(found.end())[:found.start()]
+                return _LINE_BREAK.split(head[:-1] if head.endswith(b"\r") else head)
+            if len(self.buffer) > _MAX_HEAD:
+                raise _ProtocolError("the response headers are too long")
+            start = max(0, len(self.buffer) - 2)
+            if not self.fill():
+                raise _ProtocolError("the server closed the connection without answering"
+                                     if not self.buffer else "the response headers are cut short")
+
+
+def _parse_fields(lines: List[bytes]) -> Dict[str, str]:
+    """Header (or trailer) field lines as a dict; repeats joined with ", "."""
+    fields_: Dict[str, str] = {}
+    name = ""
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):  # obs-fold: a continuation of the previous value
+            if not name:
+                raise _ProtocolError("the first header line starts with whitespace")
+            match = _FIELD_LINE.fullmatch(b"x:" + line)
+            if match is None:
+                raise _ProtocolError(f"bad header continuation {line[:80]!r}")
+            value = fields_[name] + " " + match.group(2).decode("latin-1")
+            fields_[name] = value.strip()
+            continue
+        match = _FIELD_LINE.fullmatch(line)
+        if match is None:
+            raise _ProtocolError(f"bad header line {line[:80]!r}")
+        name = match.group(1).decode("ascii").lower()
+        value = match.group(2).decode("latin-1")
+        fields_[name] = f"{fields_[name]}, {value}" if name in fields_ else value
+    return fields_
+
+
+def _read_head(reader: _Reader) -> Tuple[int, int, Dict[str, str]]:
+    """The final response's HTTP minor version, status and headers (1xx skipped)."""
+    while True:
+        lines = reader.head()
+        status_line = _STATUS_LINE.fullmatch(lines[0])
+        if status_line is None:
+            raise _ProtocolError(f"bad status line {lines[0][:80]!r}")
+        minor, status = int(status_line.group(1)), int(status_line.group(2))
+        headers = _parse_fields(lines[1:])
+        if status == 101 or status < 100:
+            raise _ProtocolError(f"unexpected status {status} (no protocol switch was asked)")
+        if status >= 200:
+            return minor, status, headers
+
+
+def _read_body(reader: _Reader, method: str, minor: int, status: int,
+               headers: Dict[str, str]) -> Tuple[bytes, bool]:
+    """The body and whether the connection may carry another exchange.
+
+    Framing follows RFC 9112 section 6.3: no body for HEAD, 204 and 304; then
+    ``Transfer-Encoding: chunked``; then one agreed ``Content-Length``; else
+    the body runs until the server closes.
+    """
+    tokens = {token.strip().lower() for token in headers.get("connection", "").split(",")}
+    reusable = minor >= 1 and "close" not in tokens
+    coding = headers.get("transfer-encoding")
+    length = headers.get("content-length")
+    if method == "HEAD" or status in (204, 304):
+        return b"", reusable
+    size = None
+    if length is not None:
+        values = {value.strip() for value in length.split(",")}
+        single = values.pop() if len(values) == 1 else ""
+        if not single.isascii() or not single.isdigit():
+            raise _ProtocolError(f"bad or conflicting Content-Length {length[:40]!r}")
+        size = int(single)
+    if coding is not None:
+        if minor == 0:  # RFC 9112 section 6.1: HTTP/1.0 has no transfer codings
+            raise _ProtocolError("Transfer-Encoding in an HTTP/1.0 response")
+        if coding.lower() != "chunked":
+            raise _ProtocolError(f"unsupported Transfer-Encoding {coding[:40]!r}")
+        # With Content-Length too, chunked wins; the connection is closed (section 6.3).
+        return _read_chunked(reader), reusable and size is None
+    if size is None:
+        return _read_until_close(reader), False
+    if size > _MAX_BODY:
+        raise _ProtocolError(f"the response body exceeds {_MAX_BODY} bytes")
+    while len(reader.buffer) < size:
+        if not reader.fill():
+            raise _ProtocolError(
+                f"the body was cut short ({len(reader.buffer)} of {size} bytes)")
+    return reader.take(size), reusable
+
+
+def _read_chunked(reader: _Reader) -> bytes:
+    body = bytearray()
+    while True:
+        line = reader.line(crlf=True)  # RFC 9112 section 2.2 allows bare LF in fields only
+        size_line = _CHUNK_SIZE.fullmatch(line)
+        if size_line is None:
+            raise _ProtocolError(f"bad chunk size line {line[:40]!r}")
+        size = int(size_line.group(1), 16)
+        if size == 0:
+            trailers: List[bytes] = []
+            while True:
+                line = reader.line()
+                if not line:
+                    _parse_fields(trailers)  # validated, not used
+                    return bytes(body)
+                trailers.append(line)
+        if len(body) + size > _MAX_BODY:
+            raise _ProtocolError(f"the response body exceeds {_MAX_BODY} bytes")
+        while len(reader.buffer) < size + 2:
+            if not reader.fill():
+                raise _ProtocolError("a chunk of the body was cut short")
+        if reader.buffer[size:size + 2] != b"\r\n":
+            raise _ProtocolError("a chunk does not end with CRLF")
+        body += reader.take(size + 2)[:-2]
+
+
+def _read_until_close(reader: _Reader) -> bytes:
+    while reader.fill():
+        if len(reader.buffer) > _MAX_BODY:
+            raise _ProtocolError(f"the response body exceeds {_MAX_BODY} bytes")
+    return reader.take(len(reader.buffer))
+
+
+# =============================================================================
+# Transport: connections, proxies, TLS
 # =============================================================================
 
 
 class HttpRequest:
-    """A request as hooks and errors see it: credentials redacted, body omitted.
+    """One HTTP request: ``method``, absolute ``url``, ``headers``, ``body`` (bytes or
+    ``None``) and the ``idempotency_key`` it carries, if any.
 
-    Attributes: ``method``, ``url`` (personal data in the query redacted),
-    ``headers`` (credentials redacted), ``idempotency_key``.
+    What hooks receive is ``redacted()``: credentials and personal data in the
+    query hidden, no body.
     """
 
-    __slots__ = ("_headers", "_raw_headers", "_raw_url", "_url", "idempotency_key", "method")
+    __slots__ = ("body", "headers", "idempotency_key", "method", "url")
 
-    def __init__(
-        self, method: str, url: str, headers: Mapping[str, str],
-        idempotency_key: Optional[str] = None,
-    ) -> None:
+    def __init__(self, method: str, url: str, headers: Optional[Mapping[str, str]] = None,
+                 body: Optional[bytes] = None, idempotency_key: Optional[str] = None) -> None:
         self.method = method
+        self.url = url
+        self.headers: Dict[str, str] = dict(headers or {})
+        self.body = body
         self.idempotency_key = idempotency_key
-        # Redaction happens when someone looks, so calls without hooks or errors skip it.
-        self._raw_url = url
-        self._raw_headers = headers
-        self._url: Optional[str] = None
-        self._headers: Optional[Dict[str, str]] = None
 
-    @property
-    def url(self) -> str:
-        """The URL, with query values that may be personal data redacted."""
-        if self._url is None:
-            self._url = _redact_url(self._raw_url)
-        return self._url
-
-    @property
-    def headers(self) -> Dict[str, str]:
-        """The request headers, credentials redacted."""
-        if self._headers is None:
-            self._headers = _redact_headers(self._raw_headers)
-        return self._headers
+    def redacted(self) -> HttpRequest:
+        """A copy safe to log: credentials and personal query values hidden, no body."""
+        return HttpRequest(self.method, _redact_url(self.url), _redact_headers(self.headers),
+                           None, self.idempotency_key)
 
     def __repr__(self) -> str:
-        return f"<HttpRequest {self.method} {self.url}>"
+        return f"<HttpRequest {self.method} {_redact_url(self.url)}>"
 
 
 class HttpResponse:
-    """A response as hooks and errors see it: status, headers, timing; no body.
+    """One HTTP response: ``status_code``, ``headers`` (lower-case names), ``content``
+    (the body), ``elapsed`` seconds and the ``request`` it answers.
 
-    Attributes: ``method``, ``url`` (redacted as in ``HttpRequest``),
-    ``status_code``, ``headers`` (lower-case names; cookies redacted),
-    ``elapsed`` (seconds), ``request_id``.
+    Errors and hooks carry ``redacted()`` copies: cookies hidden and no body.
     """
 
-    __slots__ = ("_headers", "_raw_headers", "_request", "elapsed", "method", "status_code")
+    __slots__ = ("content", "elapsed", "headers", "request", "status_code")
 
-    def __init__(self, method: str, request: HttpRequest, status_code: int,
-                 headers: Mapping[str, str], elapsed: float) -> None:
-        self.method = method
+    def __init__(self, status_code: int, headers: Mapping[str, str], content: bytes = b"",
+                 *, request: HttpRequest, elapsed: float = 0.0) -> None:
         self.status_code = status_code
+        self.headers: Dict[str, str] = dict(headers)
+        self.content = content
+        self.request = request
         self.elapsed = elapsed
-        self._request = request
-        self._raw_headers = headers
-        self._headers: Optional[Dict[str, str]] = None
+
+    @property
+    def method(self) -> str:
+        """The method of the request this answers."""
+        return self.request.method
 
     @property
     def url(self) -> str:
-        """The URL of the request this answers (redacted)."""
-        return self._request.url
-
-    @property
-    def headers(self) -> Dict[str, str]:
-        """Response headers with lower-case names, cookies redacted."""
-        if self._headers is None:
-            self._headers = _redact_headers(self._raw_headers)
-        return self._headers
+        """The URL of the request this answers."""
+        return self.request.url
 
     @property
     def request_id(self) -> Optional[str]:
         """The server's ``x-request-id`` header, if any."""
-        return self._raw_headers.get("x-request-id") or None
+        return self.headers.get("x-request-id") or None
+
+    def redacted(self) -> HttpResponse:
+        """A copy safe to log and to attach to errors: cookies hidden, no body."""
+        return HttpResponse(self.status_code, _redact_headers(self.headers), b"",
+                            request=self.request.redacted(), elapsed=self.elapsed)
 
     def __repr__(self) -> str:
-        return f"<HttpResponse {self.status_code} {self.method} {self.url}>"
+        return f"<HttpResponse {self.status_code} {self.method} {_redact_url(self.url)}>"
 
 
-class _Result:
-    """A complete response as the service layer needs it (body included)."""
-
-    __slots__ = ("body", "headers", "public", "status")
-
-    def __init__(self, status: int, headers: Dict[str, str], body: Optional[bytes],
-                 public: HttpResponse) -> None:
-        self.status = status
-        self.headers = headers
-        self.body = body
-        self.public = public
-
-
-_SECRET_HEADERS = frozenset(
-    {"authorization", "x-api-key", "x-recon-token", "proxy-authorization", "cookie",
-     "set-cookie"}
-)
+_SECRET_HEADERS = frozenset({"authorization", "x-api-key", "x-recon-token",
+                             "proxy-authorization", "cookie", "set-cookie"})
 # Query parameters whose values are identifiers, not personal data, and help debugging.
 _PLAIN_QUERY_KEYS = frozenset(
     {"limit", "offset", "starting_after", "period", "format", "feature", "feature_key", "tier",
      "start_date", "end_date", "cursor", "status", "active", "category", "entitlement_key",
-     "resource_type", "include_expired", "include_revoked"}
-)
+     "resource_type", "include_expired", "include_revoked"})
 
 
 def _redact_headers(headers: Mapping[str, str]) -> Dict[str, str]:
-    return {
-        name: (_REDACTED if name.lower() in _SECRET_HEADERS else value)
-        for name, value in headers.items()
-    }
+    return {name: (_REDACTED if name.lower() in _SECRET_HEADERS else value)
+            for name, value in headers.items()}
 
 
 def _redact_url(url: str) -> str:
@@ -738,10 +767,6 @@ def _redact_url(url: str) -> str:
     return base + "?" + "&".join(parts)
 
 
-class _NotSent(Exception):
-    """The request provably never reached the server (connection not established)."""
-
-
 def _is_loopback(host: str) -> bool:
     host = host.lower().rstrip(".")
     if host in ("localhost", "::1") or host.endswith(".localhost"):
@@ -753,13 +778,15 @@ def _is_loopback(host: str) -> bool:
 class _Origin:
     """Scheme, host and port of a URL; the key connections are pooled under."""
 
-    __slots__ = ("host", "key", "port", "scheme")
+    __slots__ = ("authority", "host", "key", "port", "scheme")
 
     def __init__(self, scheme: str, host: str, port: int) -> None:
         self.scheme = scheme
         self.host = host
         self.port = port
         self.key = (scheme, host, port)
+        name = f"[{host}]" if ":" in host else host
+        self.authority = name if port == (443 if scheme == "https" else 80) else f"{name}:{port}"
 
     @classmethod
     def parse(cls, url: str) -> Tuple[_Origin, str]:
@@ -769,7 +796,6 @@ class _Origin:
         if not sep or scheme not in ("http", "https"):
             raise SpapsConfigurationError(f"not an http(s) URL: {_redact_url(url)!r}")
         authority, slash, target = rest.partition("/")
-        target = "/" + target if slash else "/"
         authority = authority.rsplit("@", 1)[-1]
         host, port_text = authority, ""
         if authority.startswith("["):
@@ -779,338 +805,252 @@ class _Origin:
             host, port_text = authority.rsplit(":", 1)
         if not host:
             raise SpapsConfigurationError(f"URL has no host: {_redact_url(url)!r}")
-        try:
-            port = int(port_text) if port_text else (443 if scheme == "https" else 80)
-        except ValueError:
-            raise SpapsConfigurationError(f"URL has a bad port: {_redact_url(url)!r}") from None
-        return cls(scheme, host, port), target
+        if port_text and not (port_text.isascii() and port_text.isdigit()):
+            raise SpapsConfigurationError(f"URL has a bad port: {_redact_url(url)!r}")
+        port = int(port_text) if port_text else (443 if scheme == "https" else 80)
+        return cls(scheme, host, port), "/" + target if slash else "/"
 
 
 def _proxy_for(origin: _Origin) -> Optional[str]:
     """The proxy URL for ``origin``, read as ``urllib.request`` reads it, or ``None``."""
     if sys.platform not in ("darwin", "win32") and not any(
-        name.lower().endswith("_proxy") for name in os.environ
-    ):
+            name.lower().endswith("_proxy") for name in os.environ):
         return None  # spares importing urllib.request (and email) on the common path
     import urllib.request
 
     proxy = urllib.request.getproxies().get(origin.scheme)
     if not proxy or urllib.request.proxy_bypass(f"{origin.host}:{origin.port}"):
         return None
-    if "://" not in proxy:
-        proxy = "http://" + proxy
-    return proxy
-
-
-class _Connection:
-    """One HTTP/1.1 connection: a socket and a buffered reader over it."""
-
-    __slots__ = ("host_header", "proxy_headers", "reader", "sock")
-
-    def __init__(self, sock: socket.socket, host_header: str,
-                 proxy_headers: Optional[Dict[str, str]]) -> None:
-        self.sock = sock
-        self.reader = _Reader(sock)
-        self.host_header = host_header
-        # Plain-http requests through a proxy go in absolute form with the proxy's credentials.
-        self.proxy_headers = proxy_headers
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class _ConnectionPool:
-    """Keep-alive HTTP/1.1 connections per origin, shared safely by many threads.
-
-    Each connection is used by one thread at a time: taken from the idle list,
-    used for one exchange, and put back only if the response was read to the
-    end and the server did not ask to close.
-    """
-
-    def __init__(self, ssl_context: Optional[ssl.SSLContext], maxsize: int) -> None:
-        self._ssl_context = ssl_context
-        self._maxsize = maxsize
-        self._idle: Dict[Tuple[str, str, int], List[_Connection]] = {}
-        self._lock = _thread.allocate_lock()
-        self._closed = False
-
-    def acquire(self, origin: _Origin, timeout: float) -> _Connection:
-        """A connection to ``origin``: an idle one that is still open, else a new one."""
-        with self._lock:
-            if self._closed:
-                raise SpapsConfigurationError("the client is closed")
-            idle = self._idle.get(origin.key)
-            while idle:
-                conn = idle.pop()
-                if _still_open(conn.sock):
-                    conn.sock.settimeout(timeout)
-                    return conn
-                conn.close()
-        return self._connect(origin, timeout)
-
-    def release(self, origin: _Origin, conn: _Connection) -> None:
-        with self._lock:
-            idle = self._idle.setdefault(origin.key, [])
-            if not self._closed and len(idle) < self._maxsize:
-                idle.append(conn)
-                return
-        conn.close()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            pools, self._idle = list(self._idle.values()), {}
-        for idle in pools:
-            for conn in idle:
-                conn.close()
-
-    def _connect(self, origin: _Origin, timeout: float) -> _Connection:
-        """Open a connection (through a proxy if configured); failures here are ``_NotSent``."""
-        import socket
-
-        proxy = _proxy_for(origin)
-        target = _Origin.parse(proxy)[0] if proxy else origin
-        sock = None
-        try:
-            sock = socket.create_connection((target.host, target.port), timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if origin.scheme == "https":
-                if proxy:
-                    _open_tunnel(sock, origin, _proxy_auth(proxy))
-                sock = self._tls_context().wrap_socket(sock, server_hostname=origin.host)
-        except (OSError, _BadResponse) as exc:
-            if sock is not None:
-                sock.close()
-            raise _NotSent(exc) from exc
-        default_port = 443 if origin.scheme == "https" else 80
-        host = f"[{origin.host}]" if ":" in origin.host else origin.host
-        host_header = host if origin.port == default_port else f"{host}:{origin.port}"
-        proxy_headers = _proxy_auth(proxy) if proxy and origin.scheme == "http" else None
-        return _Connection(sock, host_header, proxy_headers)
-
-    def _tls_context(self) -> ssl.SSLContext:
-        if self._ssl_context is None:
-            import ssl
-
-            # The system trust store; OpenSSL also honours SSL_CERT_FILE / SSL_CERT_DIR.
-            self._ssl_context = ssl.create_default_context()
-        return self._ssl_context
-
-
-class _BadResponse(Exception):
-    """The server broke HTTP/1.1 (bad status line, bad framing, early close)."""
-
-
-def _open_tunnel(sock: socket.socket, origin: _Origin, headers: Dict[str, str]) -> None:
-    """Ask an HTTP proxy for a CONNECT tunnel to ``origin``."""
-    authority = f"[{origin.host}]:{origin.port}" if ":" in origin.host else (
-        f"{origin.host}:{origin.port}")
-    lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
-    lines += [f"{name}: {value}" for name, value in headers.items()]
-    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-    reader = _Reader(sock)
-    reader.deadline = time.monotonic() + (sock.gettimeout() or DEFAULT_TIMEOUT)
-    status, _headers, _close = _read_head(reader)
-    if status != 200 or reader.buffer:  # TLS must start right after the proxy's answer
-        raise _BadResponse(f"proxy refused the tunnel to {authority} (HTTP {status})")
+    return proxy if "://" in proxy else "http://" + proxy
 
 
 def _proxy_auth(proxy: str) -> Dict[str, str]:
     userinfo = proxy.partition("://")[2].split("/", 1)[0]
     if "@" not in userinfo:
         return {}
-    import base64
-    from urllib.parse import unquote
-
     raw = unquote(userinfo.rsplit("@", 1)[0]).encode()
     return {"Proxy-Authorization": "Basic " + base64.b64encode(raw).decode()}
 
 
-def _still_open(sock: socket.socket) -> bool:
-    """Whether an idle keep-alive connection is still usable.
+class _Route:
+    """How requests to one origin travel: directly, through a CONNECT tunnel (https via
+    a proxy) or in absolute form with the proxy's credentials (http via a proxy)."""
 
-    A server may close a connection while it sits idle in the pool; the socket
-    then reads as end-of-file. Detecting that here means the request goes out
-    on a fresh connection and provably never reached the closed one.
-    """
-    import select
+    __slots__ = ("origin", "proxy", "proxy_headers")
 
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
-        return False
-    if not readable:
-        return True
-    # Readable while idle: EOF, stray bytes, or TLS housekeeping (session tickets).
-    try:
-        sock.setblocking(False)
-        try:
-            data = sock.recv(1)
-        finally:
-            sock.setblocking(True)
-    except BlockingIOError:
-        return True
-    except OSError as exc:
-        return type(exc).__name__ == "SSLWantReadError"
-    del data  # end-of-file or bytes nobody asked for: either way the connection is unusable
-    return False
+    def __init__(self, origin: _Origin) -> None:
+        self.origin = origin
+        proxy = _proxy_for(origin)
+        self.proxy = _Origin.parse(proxy)[0] if proxy else None
+        self.proxy_headers = _proxy_auth(proxy) if proxy else {}
 
 
-_MAX_HEAD = 65536
+class _Connection:
+    """One HTTP/1.1 connection: a socket and a buffered reader over it."""
 
-
-class _Reader:
-    """Buffered reads from a socket that honour one deadline for the whole response.
-
-    A socket timeout alone bounds each ``recv``; a server trickling a byte at a
-    time could then hold a call forever. Each read here gets only the time
-    left until ``deadline``.
-    """
-
-    __slots__ = ("buffer", "deadline", "sock")
+    __slots__ = ("reader", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.buffer = b""
-        self.deadline = 0.0
+        self.reader = _Reader(sock)
 
-    def fill(self) -> bool:
-        """Read more into the buffer; ``False`` at end of stream."""
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("the response did not arrive within the call's time budget")
-        self.sock.settimeout(remaining)
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            return False
-        self.buffer += chunk
-        return True
+    def still_open(self) -> bool:
+        """Whether an idle keep-alive connection is still usable.
 
-    def read_head(self) -> bytes:
-        """Everything up to the blank line ending a header block."""
-        start = 0
-        while True:
-            end = self.buffer.find(b"\r\n\r\n", start)
-            if end >= 0:
-                head, self.buffer = self.buffer[:end], self.buffer[end + 4:]
-                return head
-            if len(self.buffer) > _MAX_HEAD:
-                raise _BadResponse("the response headers are too long")
-            start = max(0, len(self.buffer) - 3)
-            if not self.fill():
-                raise _BadResponse(
-                    "the server closed the connection without answering" if not self.buffer
-                    else "the response headers are cut short"
-                )
-
-    def read(self, size: int) -> bytes:
-        """Exactly ``size`` bytes, or fewer if the stream ends first."""
-        if len(self.buffer) < size:
-            parts = [self.buffer]
-            have = len(self.buffer)
-            self.buffer = b""
-            while have < size and self.fill():
-                parts.append(self.buffer)
-                have += len(self.buffer)
-                self.buffer = b""
-            self.buffer = b"".join(parts)
-        data, self.buffer = self.buffer[:size], self.buffer[size:]
-        return data
-
-    def read_line(self) -> bytes:
-        """One CRLF-terminated line (for chunked bodies), without the line break."""
-        while True:
-            end = self.buffer.find(b"\r\n")
-            if end >= 0:
-                line, self.buffer = self.buffer[:end], self.buffer[end + 2:]
-                return line
-            if len(self.buffer) > _MAX_HEAD or not self.fill():
-                raise _BadResponse("a chunked body is malformed or cut short")
-
-    def read_to_end(self, limit: int) -> Optional[bytes]:
-        """Everything until the server closes, or ``None`` beyond ``limit`` bytes."""
-        while len(self.buffer) <= limit and self.fill():
-            pass
-        data, self.buffer = self.buffer, b""
-        return data if len(data) <= limit else None
-
-
-def _read_head(reader: _Reader) -> Tuple[int, Dict[str, str], bool]:
-    """Read a status line and headers, skipping interim 1xx answers.
-
-    Returns the status, the headers (names lower-cased, repeats joined with
-    ", ") and whether the server will close the connection afterwards.
-    """
-    while True:
-        lines = reader.read_head().decode("latin-1").split("\r\n")
-        parts = lines[0].split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-            raise _BadResponse(f"bad status line {lines[0][:80]!r}")
-        status = int(parts[1])
-        headers: Dict[str, str] = {}
-        name = ""
-        for line in lines[1:]:
-            if line[:1] in (" ", "\t") and name:  # an obsolete folded continuation line
-                headers[name] += " " + line.strip()
-                continue
-            name, colon, value = line.partition(":")
-            if not colon:
-                raise _BadResponse(f"bad header line {line[:80]!r}")
-            name = name.strip().lower()
-            value = value.strip()
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        if 100 <= status < 200:
-            continue  # 100 Continue and friends precede the real answer
-        connection = headers.get("connection", "").lower()
-        will_close = "close" in connection or (
-            parts[0] == "HTTP/1.0" and "keep-alive" not in connection
-        )
-        return status, headers, will_close
-
-
-def _read_response_body(reader: _Reader, method: str, status: int, headers: Dict[str, str]
-                        ) -> Tuple[Optional[bytes], bool]:
-    """The body (``None`` when larger than ``_MAX_BODY``) and whether it ended the connection."""
-    if method == "HEAD" or status in (204, 304):
-        return b"", False
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        return _read_chunked(reader), False
-    length_text = headers.get("content-length")
-    if length_text is None:  # the body runs until the server closes the connection
-        return reader.read_to_end(_MAX_BODY), True
-    values = {value.strip() for value in length_text.split(",")}  # repeats must agree
-    single = values.pop() if len(values) == 1 else ""
-    if not single.isdigit():
-        raise _BadResponse(f"bad or conflicting Content-Length {length_text[:40]!r}")
-    length = int(single)
-    if length > _MAX_BODY:
-        return None, True
-    data = reader.read(length)
-    if len(data) != length:
-        raise _BadResponse(f"the body was cut short ({len(data)} of {length} bytes)")
-    return data, False
-
-
-def _read_chunked(reader: _Reader) -> Optional[bytes]:
-    chunks: List[bytes] = []
-    size = 0
-    while True:
-        line = reader.read_line()
+        A server may close a connection while it sits in the pool; it then reads
+        as end-of-file. Finding that here sends the request on a fresh connection,
+        so it provably never reached the closed one.
+        """
         try:
-            length = int(line.split(b";", 1)[0].strip(), 16)
-        except ValueError:
-            raise _BadResponse(f"bad chunk size line {line[:40]!r}") from None
-        if length == 0:
-            while reader.read_line():
-                pass  # trailer fields are not used
-            return b"".join(chunks)
-        size += length
-        if size > _MAX_BODY:
-            return None
-        chunk = reader.read(length)
-        if len(chunk) != length or reader.read_line():
-            raise _BadResponse("a chunk of the body was cut short")
-        chunks.append(chunk)
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        if not readable:
+            return True
+        # Readable while idle: EOF, stray bytes, or TLS housekeeping (session tickets).
+        self.sock.setblocking(False)
+        try:
+            self.sock.recv(1)
+        except BlockingIOError:
+            return True
+        except OSError as exc:
+            return type(exc).__name__ == "SSLWantReadError"
+        finally:
+            self.sock.setblocking(True)
+        return False  # end of file, or bytes nobody asked for: unusable either way
+
+
+class HttpTransport:
+    """Sends one request at a time per connection over pooled keep-alive HTTP/1.1
+    connections, through the environment's proxy and over TLS for https.
+
+    This is the seam below the retry policy: ``send(request, timeout=)`` does one
+    exchange or raises ``SpapsTransportError`` (``SpapsConnectError`` when the
+    request never left), and ``close()`` closes the pool. A replacement only
+    needs those two methods. Safe to share between threads.
+    """
+
+    def __init__(self, *, ssl_context: Optional[ssl.SSLContext] = None,
+                 pool_maxsize: int = 64) -> None:
+        if pool_maxsize < 1:
+            raise ValueError("pool_maxsize must be at least 1")
+        self.pool_maxsize = pool_maxsize
+        self._ssl_context = ssl_context
+        self._idle: Dict[Tuple[str, str, int], List[_Connection]] = {}
+        self._routes: Dict[Tuple[str, str, int], _Route] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def send(self, request: HttpRequest, *, timeout: float) -> HttpResponse:
+        """One exchange, all of it within ``timeout`` seconds; the body is read in full."""
+        started = time.monotonic()
+        origin, target = _Origin.parse(request.url)
+        route = self._route(origin)
+        headers = request.headers
+        if route.proxy is not None and origin.scheme == "http":
+            target, headers = request.url.split("#", 1)[0], {**headers, **route.proxy_headers}
+        data = _encode_request(request.method, target, origin.authority, headers, request.body)
+        conn = self._acquire(route, started + timeout)
+        conn.reader.deadline = started + timeout
+        status, response_headers = 0, _NO_HEADERS  # filled in as the response arrives
+        try:
+            conn.sock.sendall(data)
+            minor, status, response_headers = _read_head(conn.reader)
+            body, reusable = _read_body(conn.reader, request.method, minor, status,
+                                        response_headers)
+        except (OSError, _ProtocolError) as exc:
+            conn.sock.close()
+            error = _transport_error(exc, request, sent=True)
+            if status:  # the status line arrived: say what it was
+                error.status_code, error.request_id = status, response_headers.get("x-request-id")
+            raise error from None
+        except BaseException:
+            conn.sock.close()
+            raise
+        if reusable and not conn.reader.buffer:
+            self._release(origin, conn)
+        else:
+            conn.sock.close()
+        return HttpResponse(status, response_headers, body, request=request,
+                            elapsed=time.monotonic() - started)
+
+    def close(self) -> None:
+        """Close every pooled connection; later sends fail."""
+        with self._lock:
+            self._closed = True
+            pools, self._idle = list(self._idle.values()), {}
+        for idle in pools:
+            for conn in idle:
+                conn.sock.close()
+
+    def _route(self, origin: _Origin) -> _Route:
+        route = self._routes.get(origin.key)
+        if route is None:  # the environment's proxy settings are read once per origin
+            route = self._routes[origin.key] = _Route(origin)
+        return route
+
+    def _acquire(self, route: _Route, deadline: float) -> _Connection:
+        """An idle connection that is still open, else a new one."""
+        with self._lock:
+            if self._closed:
+                raise SpapsConfigurationError("the client is closed")
+            idle = self._idle.get(route.origin.key)
+            while idle:
+                conn = idle.pop()
+                if conn.still_open():
+                    return conn
+                conn.sock.close()
+        return self._connect(route, deadline)
+
+    def _release(self, origin: _Origin, conn: _Connection) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(origin.key, [])
+            if not self._closed and len(idle) < self.pool_maxsize:
+                idle.append(conn)
+                return
+        conn.sock.close()
+
+    def _connect(self, route: _Route, deadline: float) -> _Connection:
+        """Open a connection (through a proxy if configured); failures are connect errors."""
+        origin = route.origin
+        peer = route.proxy or origin
+        sock = None
+        try:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                raise TimeoutError("no time left to connect")
+            sock = socket.create_connection((peer.host, peer.port), timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if origin.scheme == "https":
+                if route.proxy is not None:
+                    _open_tunnel(sock, route, deadline)
+                sock = self._tls_context().wrap_socket(sock, server_hostname=origin.host)
+        except (OSError, _ProtocolError) as exc:
+            if sock is not None:
+                sock.close()
+            raise _transport_error(exc, None, sent=False, origin=origin) from None
+        return _Connection(sock)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._ssl_context is None:
+            import ssl  # only https needs it
+
+            # The system trust store; OpenSSL also honours SSL_CERT_FILE / SSL_CERT_DIR.
+            self._ssl_context = ssl.create_default_context()
+        return self._ssl_context
+
+
+class _TunnelRefused(_ProtocolError):
+    """The proxy answered CONNECT with something other than 200."""
+
+
+def _open_tunnel(sock: socket.socket, route: _Route, deadline: float) -> None:
+    """Ask an HTTP proxy for a CONNECT tunnel to ``route.origin``."""
+    origin = route.origin
+    authority = f"[{origin.host}]:{origin.port}" if ":" in origin.host else (
+        f"{origin.host}:{origin.port}")
+    lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+    lines += [f"{name}: {value}" for name, value in route.proxy_headers.items()]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    reader = _Reader(sock)
+    reader.deadline = deadline
+    status = _read_head(reader)[1]  # a 200 to CONNECT has no body; any other ends here
+    if status != 200 or reader.buffer:  # TLS must start right after the answer
+        raise _TunnelRefused(f"proxy refused the tunnel to {authority} (HTTP {status})")
+
+
+def _transport_error(exc: BaseException, request: Optional[HttpRequest], *, sent: bool,
+                     origin: Optional[_Origin] = None) -> SpapsError:
+    """Wrap a socket, TLS or protocol failure; say whether the request may have arrived."""
+    if isinstance(exc, SpapsError):
+        return exc
+    what = (f"{request.method} {_redact_url(request.url)}" if request is not None
+            else f"connecting to {origin.authority if origin else '?'}")
+    kind: Type[SpapsTransportError] = SpapsTransportError if sent else SpapsConnectError
+    retryable = True
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        kind = SpapsTimeoutError if sent else SpapsConnectTimeoutError
+        message = f"{what}: timed out " + ("waiting for the response" if sent else "connecting")
+    elif type(exc).__name__ == "SSLCertVerificationError":
+        message = (f"{what}: TLS certificate verification failed ({exc}); pass ssl_context= "
+                   "with your CA, or set SSL_CERT_FILE")
+        retryable = False
+    elif isinstance(exc, _TunnelRefused):
+        message, retryable = f"{what}: {exc}", False
+    elif isinstance(exc, _ProtocolError):
+        message = f"{what}: the response broke HTTP/1.1: {exc}"
+        retryable = "exceeds" not in str(exc)  # a larger body will not shrink
+    else:
+        state = "connection failed" if sent else "could not connect"
+        message = f"{what}: {state}: {type(exc).__name__}: {exc}"
+    error = kind(message, retryable=retryable)
+    error.__cause__ = exc
+    return error
+
+
+# =============================================================================
+# Retries: the policy above the transport
+# =============================================================================
 
 
 class _RetryQuota:
@@ -1120,51 +1060,48 @@ class _RetryQuota:
     TIMEOUT_COST = 10
 
     def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
-        self._level = capacity
-        self._lock = _thread.allocate_lock()
+        self.capacity = self.level = capacity
+        self.lock = threading.Lock()
 
     def take(self, cost: int) -> bool:
-        with self._lock:
-            if self._level < cost:
+        with self.lock:
+            if self.level < cost:
                 return False
-            self._level -= cost
+            self.level -= cost
             return True
 
     def give_back(self, amount: int) -> None:
-        with self._lock:
-            self._level = min(self._capacity, self._level + amount)
-
-
-_NO_BODY: Any = object()
-_MAX_BODY = 16 * 1024 * 1024
+        with self.lock:
+            self.level = min(self.capacity, self.level + amount)
 
 
 class RetryClient:
-    """The HTTP client every service uses: pooled keep-alive connections and retries.
+    """The HTTP client every service uses: a transport and the retry policy above it.
 
-    One instance may be shared by many threads. ``base_url`` is used by
-    ``create_http_client`` users and by aggregate clients that receive this
-    client through ``http_client=``; services send absolute URLs. ``timeout``
-    is the budget for one call, retries and back-off included.
+    One instance may be shared by many threads. ``timeout`` is the budget of
+    one call, retries, back-off and redirects included. ``transport`` replaces
+    the built-in ``HttpTransport`` (anything with ``send``/``close``);
+    ``clock``, ``sleep`` and ``random`` replace ``time.monotonic``,
+    ``time.sleep`` and ``random.random``, so tests can drive deadlines, back-off
+    and ``Retry-After`` without waiting. ``app_info`` (e.g.
+    ``"billing-worker/1.4"``) is appended to the User-Agent.
     """
 
     def __init__(
-        self,
-        *,
-        base_url: str = "",
-        timeout: float = DEFAULT_TIMEOUT,
+        self, *, base_url: str = "", timeout: float = DEFAULT_TIMEOUT,
         retry_config: Optional[Union[RetryConfig, Mapping[str, Any]]] = None,
         logging_hooks: Optional[Union[LoggingHooks, Mapping[str, Any]]] = None,
-        ssl_context: Optional[ssl.SSLContext] = None,
-        allow_insecure_http: bool = False,
-        pool_maxsize: int = 64,
-        app_info: Optional[str] = None,
+        ssl_context: Optional[ssl.SSLContext] = None, allow_insecure_http: bool = False,
+        pool_maxsize: int = 64, app_info: Optional[str] = None,
+        transport: Optional[HttpTransport] = None, clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep, random: Callable[[], float] = random.random,
     ) -> None:
         if not timeout or timeout <= 0:
             raise ValueError("timeout must be a positive number of seconds")
         if app_info is not None and (not app_info.strip() or not app_info.isprintable()):
             raise ValueError("app_info must be printable text such as 'billing-worker/1.4'")
+        if transport is not None and ssl_context is not None:
+            raise ValueError("ssl_context belongs to the transport you pass; set it there")
         self.user_agent = f"{_USER_AGENT} {app_info.strip()}" if app_info else _USER_AGENT
         self.base_url = base_url.rstrip("/")
         if self.base_url:
@@ -1173,13 +1110,20 @@ class RetryClient:
         self.retry_config = _coerce_config(retry_config, RetryConfig) or RetryConfig()
         self.logging_hooks = _coerce_config(logging_hooks, LoggingHooks) or LoggingHooks()
         self.allow_insecure_http = allow_insecure_http
-        self._pool = _ConnectionPool(ssl_context, pool_maxsize)
-        self._origins: Dict[str, Tuple[_Origin, bool]] = {}
+        self.transport = transport or HttpTransport(ssl_context=ssl_context,
+                                                    pool_maxsize=pool_maxsize)
+        self.clock, self.sleep, self.random = clock, sleep, random
+        self._plain_remote: Dict[str, bool] = {}
         self._quota = _RetryQuota(self.retry_config.retry_quota)
 
+    @property
+    def pool_maxsize(self) -> int:
+        """How many connections per origin the transport keeps (what async calls run on)."""
+        return int(getattr(self.transport, "pool_maxsize", 64))
+
     def close(self) -> None:
-        """Close every pooled connection; later calls fail."""
-        self._pool.close()
+        """Close the transport's connections; later calls fail."""
+        self.transport.close()
 
     def __enter__(self) -> RetryClient:
         return self
@@ -1187,227 +1131,144 @@ class RetryClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def request(
-        self,
-        method: str,
-        url: str,
-        *,
-        headers: Optional[Mapping[str, str]] = None,
-        body: Optional[bytes] = None,
-        timeout: Optional[float] = None,
-        idempotency_key: Optional[str] = None,
-    ) -> _Result:
-        """Send one call (with its retries) and return the final response, body read."""
-        if url.startswith("/"):
-            url = self.base_url + url
-        all_headers = {"User-Agent": self.user_agent}
-        if headers:
-            all_headers.update(headers)
+    def request(self, method: str, url: str, *, headers: Optional[Mapping[str, str]] = None,
+                body: Optional[bytes] = None, timeout: Optional[float] = None,
+                idempotency_key: Optional[str] = None,
+                deadline: Optional[float] = None) -> HttpResponse:
+        """Send one call with its retries and return the final response, body read.
+
+        ``timeout`` overrides the client's budget for this call; ``deadline`` (a time
+        of ``clock``) caps it, so that steps of one larger call share one budget.
+        """
+        url = self.base_url + url if url.startswith("/") else url
+        all_headers = {"User-Agent": self.user_agent, **(headers or {})}
         if idempotency_key:
             all_headers["X-Idempotency-Key"] = idempotency_key
         if body is not None:
             all_headers.setdefault("Content-Type", "application/json")
-        elif method in ("POST", "PUT", "PATCH"):
-            all_headers["Content-Length"] = "0"
-        public = HttpRequest(method, url, all_headers, idempotency_key)
-        origin, target = self._resolve(url, all_headers)
-        hooks = self.logging_hooks
-        _fire(hooks.on_request, public)
+        request = HttpRequest(method, url, all_headers, body, idempotency_key)
+        self._refuse_plain_credentials(url, all_headers)
+        hooks, config = self.logging_hooks, self.retry_config
+        observed = any(getattr(hooks, name.name) for name in fields(hooks))
+        shown = request.redacted() if observed else request  # what hooks may see
+        _fire(hooks.on_request, shown)
         budget = float(timeout) if timeout else self.timeout
-        deadline = time.monotonic() + budget
-        outer = getattr(_CALL_BUDGET, "deadline", None)
-        if outer is not None and outer < deadline:  # part of a larger call: share its budget
-            deadline = outer
-        config = self.retry_config
+        deadline = min(self.clock() + budget, deadline if deadline is not None else float("inf"))
         attempt = 1
         while True:
-            remaining = deadline - time.monotonic()
-            started = time.monotonic()
+            started = self.clock()
             try:
-                if remaining <= 0:
-                    raise SpapsTimeoutError(f"{method} {public.url} timed out after {budget:g}s")
-                result = self._send_following_redirects(method, origin, target, all_headers,
-                                                         body, deadline, public)
-            except _NotSent as exc:
-                error: SpapsError = _transport_error(exc.args[0], public, sent=False)
-                may_replay = error.retryable  # False only for permanent failures (certificates)
-            except SpapsTransportError as exc:  # the request may have reached the server
+                if started >= deadline:
+                    raise SpapsTimeoutError(
+                        f"{method} {_redact_url(url)} timed out after {budget:g}s")
+                response = self._send_following_redirects(request, deadline)
+            except SpapsConnectError as exc:  # never sent: any method may go again
+                error: SpapsTransportError = exc
+                replayable = exc.retryable
+            except SpapsTransportError as exc:  # it may have reached the server
                 error = exc
-                may_replay = error.retryable = config.is_retryable(public, None)
-            except SpapsError as exc:  # e.g. the client was closed
-                error, may_replay = exc, False
+                replayable = error.retryable = exc.retryable and config.is_retryable(
+                    request, None)
             else:
-                elapsed = time.monotonic() - started
-                _fire(hooks.on_response, public, result.public, elapsed, attempt)
-                if not config.is_retryable(public, result.public):
+                if hooks.on_response is not None:
+                    _fire(hooks.on_response, shown, response.redacted(), self.clock() - started,
+                          attempt)
+                if not config.is_retryable(request, response):
                     self._quota.give_back(1 if attempt == 1 else _RetryQuota.RETRY_COST)
-                    return result
-                retry_after = _parse_retry_after(result.headers.get("retry-after"))
+                    return response
+                retry_after = _parse_retry_after(response.headers.get("retry-after"))
                 if retry_after is not None and retry_after > config.max_retry_after:
-                    _fire(hooks.on_give_up, public, "retry-after too long", attempt)
-                    return result
-                delay = config.get_backoff(attempt + 1) if retry_after is None else retry_after
-                if not self._may_retry(public, attempt, delay, deadline, _RetryQuota.RETRY_COST):
-                    return result
+                    _fire(hooks.on_give_up, shown, "retry-after too long", attempt)
+                    return response
+                delay = (config.get_backoff(attempt + 1, self.random) if retry_after is None
+                         else retry_after)
+                if not self._may_retry(shown, attempt, delay, deadline, _RetryQuota.RETRY_COST):
+                    return response
                 attempt += 1
                 continue
-            _fire(hooks.on_error, public, error, attempt)
-            if not may_replay:
-                if error.retryable is False and isinstance(error, SpapsTransportError):
-                    _fire(hooks.on_give_up, public, "not safe to send again", attempt)
+            _fire(hooks.on_error, shown, error, attempt)
+            if not replayable:
+                _fire(hooks.on_give_up, shown, "not safe to send again", attempt)
                 raise error
-            delay = config.get_backoff(attempt + 1)
             cost = (_RetryQuota.TIMEOUT_COST if isinstance(error, SpapsTimeoutError)
                     else _RetryQuota.RETRY_COST)
-            if not self._may_retry(public, attempt, delay, deadline, cost):
+            if not self._may_retry(shown, attempt, config.get_backoff(attempt + 1, self.random),
+                                   deadline, cost):
                 raise error
             attempt += 1
 
-    def _may_retry(
-        self, public: HttpRequest, attempt: int, delay: float, deadline: float, cost: int
-    ) -> bool:
+    def _may_retry(self, shown: HttpRequest, attempt: int, delay: float, deadline: float,
+                   cost: int) -> bool:
         """Decide on one more attempt, sleep the back-off, and report through hooks."""
         hooks = self.logging_hooks
         if attempt >= self.retry_config.max_attempts:
             reason = "attempts exhausted"
-        elif time.monotonic() + delay >= deadline:
+        elif self.clock() + delay >= deadline:
             reason = "deadline reached"
         elif not self._quota.take(cost):
             reason = "retry quota exhausted"
         else:
             if delay > 0:
-                _fire(hooks.on_backoff, public, delay, attempt + 1)
-                time.sleep(delay)
-            _fire(hooks.on_retry, public, attempt + 1)
+                _fire(hooks.on_backoff, shown, delay, attempt + 1)
+                self.sleep(delay)
+            _fire(hooks.on_retry, shown, attempt + 1)
             return True
-        _fire(hooks.on_give_up, public, reason, attempt)
+        _fire(hooks.on_give_up, shown, reason, attempt)
         return False
 
-    def _resolve(self, url: str, headers: Mapping[str, str]) -> Tuple[_Origin, str]:
-        """Split ``url`` into origin and target; refuse credentials over remote plain HTTP.
-
-        Origins are parsed once per client: every call to the same SPAPS reuses the result.
-        """
-        authority_end = url.find("/", url.find("://") + 3)
-        prefix, target = (url, "/") if authority_end < 0 else (
-            url[:authority_end], url[authority_end:])
-        known = self._origins.get(prefix)
-        if known is None:
-            origin = _Origin.parse(prefix)[0]
-            known = self._origins[prefix] = (
-                origin, origin.scheme == "http" and not _is_loopback(origin.host))
-        origin, plain_and_remote = known
-        if plain_and_remote and not self.allow_insecure_http and any(
-            name.lower() in ("authorization", "x-api-key") for name in headers
-        ):
+    def _refuse_plain_credentials(self, url: str, headers: Mapping[str, str]) -> None:
+        """Credentials never cross plain HTTP to a remote host unless allowed."""
+        end = url.find("/", url.find("://") + 3)
+        prefix = url if end < 0 else url[:end]
+        plain_remote = self._plain_remote.get(prefix)
+        if plain_remote is None:  # parsed once per origin
+            origin = _Origin.parse(url)[0]
+            plain_remote = origin.scheme == "http" and not _is_loopback(origin.host)
+            self._plain_remote[prefix] = plain_remote
+        if plain_remote and not self.allow_insecure_http and any(
+                name.lower() in ("authorization", "x-api-key") for name in headers):
+            host = _Origin.parse(url)[0].host
             raise SpapsConfigurationError(
-                f"refusing to send credentials over plain HTTP to {origin.host}; use https:// "
-                "or pass allow_insecure_http=True if this network is trusted"
-            )
-        return origin, target
+                f"refusing to send credentials over plain HTTP to {host}; use https:// or "
+                "pass allow_insecure_http=True if this network is trusted")
 
-    def _send_following_redirects(
-        self, method: str, origin: _Origin, target: str, headers: Dict[str, str],
-        body: Optional[bytes], deadline: float, public: HttpRequest,
-    ) -> _Result:
-        """Send once, following same-origin 307/308 redirects (method and body kept).
+    def _send_following_redirects(self, request: HttpRequest, deadline: float
+                                  ) -> HttpResponse:
+        """Send once, following same-origin 307/308 redirects with method and body kept.
 
-        Every hop shares the one ``deadline``, so redirects cannot stretch a call.
+        Every hop shares the one deadline; credentials never follow to another origin.
         """
+        origin = _Origin.parse(request.url)[0]
         for _ in range(5):
-            result = self._exchange(origin, method, target, headers, body, deadline, public)
-            location = result.headers.get("location")
-            if result.status not in (307, 308) or not location:
-                return result
-            from urllib.parse import urljoin
-
-            next_url = urljoin(f"{origin.scheme}://{origin.host}:{origin.port}{target}",
-                               location)
-            next_origin, next_target = _Origin.parse(next_url)
-            if next_origin.key != origin.key:
-                return result  # credentials never follow a redirect to another origin
-            target = next_target
-        return result
-
-    def _exchange(
-        self, origin: _Origin, method: str, target: str, headers: Dict[str, str],
-        body: Optional[bytes], deadline: float, public: HttpRequest,
-    ) -> _Result:
-        """One request/response on one pooled connection, all of it before ``deadline``."""
-        started = time.monotonic()
-        if started >= deadline:
-            raise SpapsTimeoutError(f"{method} {public.url}: the call's time budget ran out")
-        conn = self._pool.acquire(origin, deadline - started)
-        conn.reader.deadline = deadline
-        status = 0
-        response_headers: Dict[str, str] = {}
-        try:
-            if conn.proxy_headers is not None:
-                target = f"http://{conn.host_header}{target}"
-                headers = {**headers, **conn.proxy_headers}
-            conn.sock.sendall(_encode_head(method, target, conn.host_header, headers, body))
-            status, response_headers, will_close = _read_head(conn.reader)
-            data, ended = _read_response_body(conn.reader, method, status, response_headers)
-        except (OSError, _BadResponse) as exc:
-            conn.close()
-            error = _transport_error(exc, public, sent=True)
-            if status:  # the status line arrived: say what it was
-                error.status_code = status
-                error.request_id = response_headers.get("x-request-id")
-            raise error from None
-        except BaseException:
-            conn.close()
-            raise
-        if data is None or will_close or ended or conn.reader.buffer:
-            conn.close()
-        else:
-            self._pool.release(origin, conn)
-        return _Result(status, response_headers, data,
-                       HttpResponse(method, public, status, response_headers,
-                                    time.monotonic() - started))
-
-
-def _encode_head(method: str, target: str, host: str, headers: Mapping[str, str],
-                 body: Optional[bytes]) -> bytes:
-    """The request line and headers (and body) as bytes; refuses header injection."""
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", "Accept-Encoding: identity"]
-    lines += [f"{name}: {value}" for name, value in headers.items()]
-    if body is not None:
-        lines.append(f"Content-Length: {len(body)}")
-    if not "".join(lines).isprintable() or not target.isascii():
-        raise SpapsConfigurationError(
-            "a header or the URL contains a line break or control character; refusing to "
-            "send a request that could be split"
-        )
-    try:
-        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    except UnicodeEncodeError:
-        raise SpapsConfigurationError("a header value is not Latin-1 text") from None
-    return data + body if body is not None else data
+            response = self.transport.send(request, timeout=deadline - self.clock())
+            location = response.headers.get("location")
+            if response.status_code not in (307, 308) or not location:
+                return response
+            next_url = urljoin(request.url, location)
+            if _Origin.parse(next_url)[0].key != origin.key:
+                return response
+            request = HttpRequest(request.method, next_url, request.headers, request.body,
+                                  request.idempotency_key)
+        return response
 
 
 class RetryAsyncClient(RetryClient):
     """``RetryClient`` for async clients, which run each call in a worker thread."""
 
     async def aclose(self) -> None:
-        """Close every pooled connection."""
+        """Close the transport's connections."""
         self.close()
 
 
 def create_http_client(
-    *,
-    settings: Settings,
-    retry_config: Optional[Union[RetryConfig, Mapping[str, Any]]] = None,
-    logging_hooks: Optional[Union[LoggingHooks, Mapping[str, Any]]] = None,
-    **kwargs: Any,
+    *, settings: Settings, retry_config: Optional[Union[RetryConfig, Mapping[str, Any]]] = None,
+    logging_hooks: Optional[Union[LoggingHooks, Mapping[str, Any]]] = None, **kwargs: Any,
 ) -> RetryClient:
-    """A ``RetryClient`` for ``settings`` (``timeout=`` and other ``RetryClient`` keywords
-    may be passed to override)."""
+    """A ``RetryClient`` for ``settings`` (``timeout=`` and the other ``RetryClient``
+    keywords may be passed to override)."""
     kwargs.setdefault("timeout", settings.request_timeout)
-    return RetryClient(
-        base_url=settings.base_url, retry_config=retry_config, logging_hooks=logging_hooks,
-        **kwargs,
-    )
+    return RetryClient(base_url=settings.base_url, retry_config=retry_config,
+                       logging_hooks=logging_hooks, **kwargs)
 
 
 def _fire(hook: Optional[Callable[..., None]], *args: Any) -> None:
@@ -1416,40 +1277,20 @@ def _fire(hook: Optional[Callable[..., None]], *args: Any) -> None:
     try:
         hook(*args)
     except Exception:  # a broken hook must not break the call it observes
-        import logging
-
-        logging.getLogger("spaps_client.http").exception("logging hook %r failed", hook)
+        _logger("spaps_client.http").exception("logging hook %r failed", hook)
 
 
-def _transport_error(exc: BaseException, public: HttpRequest, *, sent: bool) -> SpapsError:
-    """Wrap a socket/TLS/protocol failure; say whether the request may have been processed."""
-    if isinstance(exc, SpapsError):
-        return exc
-    what = f"{public.method} {public.url}"
-    if isinstance(exc, TimeoutError) or type(exc).__name__ == "timeout":
-        phase = "connecting" if not sent else "waiting for the response"
-        error: SpapsError = SpapsTimeoutError(f"{what}: timed out {phase}")
-    elif type(exc).__name__ == "SSLCertVerificationError":
-        error = SpapsTransportError(
-            f"{what}: TLS certificate verification failed ({exc}); pass ssl_context= with "
-            "your CA, or set SSL_CERT_FILE", retryable=False,
-        )
-    else:
-        state = "could not connect" if not sent else "connection failed"
-        error = SpapsTransportError(f"{what}: {state}: {type(exc).__name__}: {exc}")
-    error.__cause__ = exc
-    return error
+_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
 def _parse_retry_after(value: Optional[str]) -> Optional[float]:
+    """Seconds from a ``Retry-After`` value: a number of seconds or an HTTP date."""
     if not value:
         return None
     value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    from email.utils import parsedate_to_datetime
+    if _SECONDS.fullmatch(value):
+        return float(value)
+    from email.utils import parsedate_to_datetime  # dates are rare; seconds are the rule
 
     try:
         when = parsedate_to_datetime(value)
@@ -1465,55 +1306,50 @@ def _parse_retry_after(value: Optional[str]) -> Optional[float]:
 # =============================================================================
 
 
-class _Model(_LazyDataclass):
-    """Base of every response model: a dataclass with lenient, typed parsing.
+class _Model:
+    """Base of every response model: a dataclass read leniently from JSON.
 
-    ``model_validate(dict)`` builds an instance the way a server's reply should be
-    read: a field that is absent or JSON ``null`` takes its default (an empty list
-    for lists), a field may arrive under any of its accepted names (``id`` or
-    ``invoice_id``), an optional field whose value has an unexpected type takes its
-    default, and every key the model does not declare is kept in ``model_extra``
-    and readable as an attribute. Only a required field that is missing or
-    unusable raises ``ValueError`` naming it. ``model_dump()`` turns the model back
-    into a dict, extra keys included.
+    ``model_validate(dict)`` reads a reply the way a server's reply should be
+    read: a field that is absent or ``null`` takes its default (an empty list for
+    lists), a field may arrive under any of its accepted names (``id`` or
+    ``invoice_id``: ``field(metadata={"alias": ...})``), an optional field whose
+    value has an unexpected type takes its default, and every key the model does
+    not declare is kept in ``model_extra`` and readable as an attribute. Only a
+    required field that is missing or unusable raises ``ValueError`` naming it.
+    ``model_dump()`` turns the model back into a dict, extra keys included.
     """
-
-    __spaps_fields__: ClassVar[Optional[Tuple[_FieldSpec, ...]]] = None
-    __spaps_known__: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def model_validate(cls: Type[_M], obj: Any) -> _M:
         """Build an instance from a mapping (or return ``obj`` if it already is one)."""
         if isinstance(obj, cls):
             return obj
-        if type(obj) is not dict and not isinstance(obj, Mapping):
+        if not isinstance(obj, Mapping):
             raise ValueError(f"{cls.__name__}: expected a JSON object, got {_kind(obj)}")
         obj = cls._prepare(obj)
-        specs = cls.__dict__.get("__spaps_fields__") or cls._build_specs()
-        known = cls.__dict__["__spaps_known__"]
-        # Filled in directly rather than through __init__: this runs on every reply.
-        model = cls.__new__(cls)
+        specs, known = cls.__dict__.get("_spaps_specs") or cls._specs()
+        model = cls.__new__(cls)  # filled in directly: this runs for every reply
         values = model.__dict__
         extra = {key: value for key, value in obj.items() if key not in known}
-        for spec in specs:
+        for name, keys, convert, default in specs:
             raw = None
-            for key in spec.keys:
+            for key in keys:
                 raw = obj.get(key)
                 if raw is not None:
                     break
             if raw is None:
-                if spec.default is None:
-                    raise ValueError(f"{cls.__name__}.{spec.name}: missing required field")
-                values[spec.name] = spec.default()
+                if default is None:
+                    raise ValueError(f"{cls.__name__}.{name}: missing required field")
+                values[name] = default()
                 continue
             try:
-                values[spec.name] = spec.convert(raw)
+                values[name] = convert(raw)
             except (ValueError, OverflowError) as exc:  # float(10**400) overflows
-                if spec.default is None:
-                    raise ValueError(f"{cls.__name__}.{spec.name}: {exc}") from None
+                if default is None:
+                    raise ValueError(f"{cls.__name__}.{name}: {exc}") from None
                 # An optional field the server shaped differently never fails the call:
                 # the attribute keeps its default and the value stays reachable.
-                values[spec.name] = spec.default()
+                values[name] = default()
                 extra[key] = raw
         values["_spaps_extra"] = extra
         return model
@@ -1523,7 +1359,7 @@ class _Model(_LazyDataclass):
         """What the server sent beyond the declared fields (or in an unexpected shape)."""
         return self.__dict__.setdefault("_spaps_extra", {})  # type: ignore[no-any-return]
 
-    if not TYPE_CHECKING:  # type checkers keep flagging misspelt attributes
+    if not TYPE_CHECKING:  # so that type checkers still flag misspelt attributes
 
         def __getattr__(self, name):
             extra = self.__dict__.get("_spaps_extra")
@@ -1534,11 +1370,10 @@ class _Model(_LazyDataclass):
     def model_dump(self, *, by_alias: bool = False, exclude_none: bool = False) -> Dict[str, Any]:
         """The model as a dict keyed by attribute names (or JSON names with ``by_alias``)."""
         out: Dict[str, Any] = {}
-        for info in _schema(type(self)):
+        for info in fields(self):  # type: ignore[arg-type]
             value = _dump(getattr(self, info.name), by_alias, exclude_none)
-            if value is None and exclude_none:
-                continue
-            out[(info.alias or info.name) if by_alias else info.name] = value
+            if not (value is None and exclude_none):
+                out[_aliases(info)[0] if by_alias else info.name] = value
         for key, value in self.model_extra.items():
             if key not in out and not (value is None and exclude_none):
                 out[key] = _dump(value, by_alias, exclude_none)
@@ -1546,33 +1381,32 @@ class _Model(_LazyDataclass):
 
     @classmethod
     def _prepare(cls, obj: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Hook for models whose JSON needs reshaping before it is read."""
         return obj
 
     @classmethod
-    def _build_specs(cls) -> Tuple[_FieldSpec, ...]:
+    def _specs(cls) -> Tuple[List[Tuple[str, Tuple[str, ...], Callable[[Any], Any],
+                                         Optional[Callable[[], Any]]]], frozenset[str]]:
+        """How each field is read: (name, JSON keys, converter, default maker or None)."""
+        hints = get_type_hints(cls)
         specs = []
-        for info in _schema(cls):
-            keys = (*info.aliases, info.name) if info.aliases else (info.name,)
-            default: Optional[Callable[[], Any]] = info.factory
-            if default is None and info.default is not _NO_DEFAULT:
+        for info in fields(cls):  # type: ignore[arg-type]
+            default: Optional[Callable[[], Any]] = None
+            if info.default_factory is not MISSING:
+                default = info.default_factory
+            elif info.default is not MISSING:
                 default = (lambda value: lambda: value)(info.default)
-            specs.append(_FieldSpec(info.name, keys, _converter(info.annotation), default))
-        cls.__spaps_known__ = frozenset(key for spec in specs for key in spec.keys)
-        cls.__spaps_fields__ = tuple(specs)
-        return cls.__spaps_fields__
+            specs.append((info.name, _aliases(info), _converter(hints[info.name]), default))
+        known = frozenset(key for spec in specs for key in spec[1])
+        type.__setattr__(cls, "_spaps_specs", (specs, known))
+        return specs, known
 
 
-class _FieldSpec:
-    """How ``model_validate`` fills one field: JSON keys, converter, default (None: required)."""
-
-    __slots__ = ("convert", "default", "keys", "name")
-
-    def __init__(self, name: str, keys: Tuple[str, ...], convert: Callable[[Any], Any],
-                 default: Optional[Callable[[], Any]]) -> None:
-        self.name = name
-        self.keys = keys
-        self.convert = convert
-        self.default = default
+def _aliases(info: Any) -> Tuple[str, ...]:
+    """The JSON names of a field, preferred first, its own name last."""
+    alias = info.metadata.get("alias", ())
+    names = (alias,) if isinstance(alias, str) else tuple(alias)
+    return (*names, info.name) if info.name not in names else names
 
 
 def _kind(value: Any) -> str:
@@ -1589,27 +1423,22 @@ def _dump(value: Any, by_alias: bool, exclude_none: bool) -> Any:
     return value
 
 
-def _converter(annotation: str) -> Callable[[Any], Any]:
-    """A function that converts a JSON value to the annotated type or raises ValueError.
-
-    Reads the annotation text (annotations are strings here) in the small grammar the
-    models use: ``Optional[X]``, ``List[X]``, ``Dict[...]``, scalars and model names.
-    """
-    text = annotation.strip()
-    if text.startswith("Optional[") and text.endswith("]"):
-        convert = _converter(text[len("Optional["):-1])
+def _converter(hint: Any) -> Callable[[Any], Any]:
+    """A function that turns a JSON value into the annotated type or raises ValueError."""
+    origin, args = getattr(hint, "__origin__", None), getattr(hint, "__args__", (Any,))
+    if origin is Union:  # Optional[X]
+        convert = _converter(next(arg for arg in args if arg is not type(None)))
         return lambda value: None if value is None else convert(value)
-    if text.startswith("List[") and text.endswith("]"):
-        item = _converter(text[len("List["):-1])
+    if origin is list:
+        item = _converter(args[0])
         return lambda value: [item(v) for v in _expect(value, list, "a list")]
-    if text.startswith("Dict[") or text == "dict":
+    if origin is dict or hint is dict:
         return lambda value: dict(_expect(value, dict, "an object"))
-    if text in _SCALARS:
-        return _SCALARS[text]
-    model = globals().get(text)
-    if isinstance(model, type) and issubclass(model, _Model):
-        return model.model_validate
-    raise TypeError(f"no converter for annotation {annotation!r}")
+    if hint in _SCALARS:
+        return _SCALARS[hint]
+    if isinstance(hint, type) and issubclass(hint, _Model):
+        return hint.model_validate
+    raise TypeError(f"no converter for annotation {hint!r}")
 
 
 def _expect(value: Any, kind: type, label: str) -> Any:
@@ -1675,21 +1504,22 @@ def _to_bool(value: Any) -> bool:
     raise ValueError(f"expected a boolean, got {value!r}")
 
 
-_ISO_PATTERN: Any = None
+_ISO_DATETIME = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d+))?)?"
+    r"\s*(Z|z|[+-]\d{2}(?::?\d{2})?)?)?")
 
 
 def _to_datetime(value: Any) -> datetime:
     """Parse ISO-8601 (``Z``, offsets, date-only, space separator) or Unix epoch numbers."""
-    if type(value) is not str:
-        if isinstance(value, datetime):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return _from_epoch(value)
-        if not isinstance(value, str):
-            raise ValueError(f"expected a date-time, got {_kind(value)}")
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _from_epoch(value)
+    if not isinstance(value, str):
+        raise ValueError(f"expected a date-time, got {_kind(value)}")
     text = value.strip()
     if len(text) >= 10 and text[4] == "-":
-        try:  # the C parser handles the common shapes; the pattern below handles the rest
+        try:  # the C parser reads the common shapes; the pattern below the rest
             if text[-1] in "Zz" and sys.version_info < (3, 11):
                 return datetime.fromisoformat(text[:-1] + "+00:00")
             return datetime.fromisoformat(text)
@@ -1697,20 +1527,10 @@ def _to_datetime(value: Any) -> datetime:
             pass
     else:
         try:
-            number = float(text)
+            return _from_epoch(float(text))
         except ValueError:
             pass
-        else:
-            return _from_epoch(number)
-    global _ISO_PATTERN
-    if _ISO_PATTERN is None:
-        import re
-
-        _ISO_PATTERN = re.compile(
-            r"(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d+))?)?"
-            r"\s*(Z|z|[+-]\d{2}(?::?\d{2})?)?)?"
-        )
-    match = _ISO_PATTERN.fullmatch(text)
+    match = _ISO_DATETIME.fullmatch(text)
     if match is None:
         raise ValueError(f"expected an ISO-8601 date-time, got {value!r}")
     year, month, day, hour, minute, second, fraction, zone = match.groups()
@@ -1718,15 +1538,13 @@ def _to_datetime(value: Any) -> datetime:
     if zone in ("Z", "z"):
         tzinfo = timezone.utc
     elif zone:
-        sign = -1 if zone[0] == "-" else 1
         digits = zone[1:].replace(":", "")
         offset = timedelta(hours=int(digits[:2]), minutes=int(digits[2:4] or 0))
-        tzinfo = timezone(sign * offset)
+        tzinfo = timezone(-offset if zone[0] == "-" else offset)
     try:
-        return datetime(
-            int(year), int(month), int(day), int(hour or 0), int(minute or 0),
-            int(second or 0), int((fraction or "0")[:6].ljust(6, "0")), tzinfo=tzinfo,
-        )
+        return datetime(int(year), int(month), int(day), int(hour or 0), int(minute or 0),
+                        int(second or 0), int((fraction or "0")[:6].ljust(6, "0")),
+                        tzinfo=tzinfo)
     except ValueError as exc:
         raise ValueError(f"invalid date-time {value!r}: {exc}") from None
 
@@ -1738,13 +1556,12 @@ def _from_epoch(seconds: float) -> datetime:
         raise ValueError(f"epoch timestamp out of range: {seconds!r}") from None
 
 
-_SCALARS: Dict[str, Callable[[Any], Any]] = {
-    "str": _to_str, "int": _to_int, "float": _to_float, "bool": _to_bool,
-    "datetime": _to_datetime, "Any": lambda value: value,
+_SCALARS: Dict[Any, Callable[[Any], Any]] = {
+    str: _to_str, int: _to_int, float: _to_float, bool: _to_bool, datetime: _to_datetime,
+    Any: lambda value: value,
 }
 
-
-# Fields read from JSON key "id"; the attribute name is accepted as well.
+# Fields read from JSON key "id" (the attribute's own name is accepted as well).
 _ID_ALIAS = {"alias": "id"}
 _IS_ADMIN_ALIAS = {"alias": "isAdmin"}
 
@@ -1752,11 +1569,11 @@ _IS_ADMIN_ALIAS = {"alias": "isAdmin"}
 # --- Auth models ---
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class TokenUser(_Model):
     """The user a token pair was issued to."""
 
-    user_id: str = _field(metadata=_ID_ALIAS)
+    user_id: str = field(metadata=_ID_ALIAS)
     wallet_address: Optional[str] = None
     chain: Optional[str] = None
     email: Optional[str] = None
@@ -1765,20 +1582,20 @@ class TokenUser(_Model):
     phone_number: Optional[str] = None
     wallets: Optional[List[str]] = None
     email_confirmed: Optional[bool] = None
-    roles: List[str] = _field(default_factory=list)
-    permissions: List[str] = _field(default_factory=list)
-    is_admin: Optional[bool] = _field(default=None, metadata=_IS_ADMIN_ALIAS)
+    roles: List[str] = field(default_factory=list)
+    permissions: List[str] = field(default_factory=list)
+    is_admin: Optional[bool] = field(default=None, metadata=_IS_ADMIN_ALIAS)
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class TokenPair(_Model):
     """Access and refresh tokens from a sign-in or refresh; tokens hidden from ``repr``.
 
     ``user`` is ``None`` after a refresh: SPAPS names the user in sign-in replies only.
     """
 
-    access_token: str = _field(repr=False)
-    refresh_token: str = _field(repr=False)
+    access_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)
     expires_in: int
     user: Optional[TokenUser] = None
     token_type: str = "Bearer"  # noqa: S105 - a token type, not a secret
@@ -1786,43 +1603,43 @@ class TokenPair(_Model):
     recovery_codes_remaining: Optional[int] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class TotpEnrollment(_Model):
     """A TOTP secret to put in an authenticator app (or show as a QR code of
     ``provisioning_uri``); the secret and the URI are hidden from ``repr``."""
 
-    secret: str = _field(repr=False)
-    provisioning_uri: str = _field(repr=False)
+    secret: str = field(repr=False)
+    provisioning_uri: str = field(repr=False)
     issuer: Optional[str] = None
     account_name: Optional[str] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class TotpActivation(_Model):
     """TOTP switched on: keep the one-time ``recovery_codes`` (hidden from ``repr``)."""
 
-    recovery_codes: List[str] = _field(default_factory=list, repr=False)
+    recovery_codes: List[str] = field(default_factory=list, repr=False)
     activated_at: Optional[datetime] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class AuthMethod(_Model):
     """A sign-in method of the application (``password``, ``magic_link``,
     ``wallet:ethereum``, ...) and whether it is enabled."""
 
     method: str
     enabled: bool = False
-    config: Dict[str, Any] = _field(default_factory=dict)
+    config: Dict[str, Any] = field(default_factory=dict)
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class AuthMethods(_Model):
     """The application's sign-in methods."""
 
-    methods: List[AuthMethod] = _field(default_factory=list)
+    methods: List[AuthMethod] = field(default_factory=list)
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class NonceResponse(_Model):
     """A wallet sign-in challenge: sign ``message`` with the wallet."""
 
@@ -1832,16 +1649,16 @@ class NonceResponse(_Model):
     expires_at: datetime
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class RegistrationTokens(_Model):
     """Tokens issued on registration or magic-link sign-in; hidden from ``repr``."""
 
-    access_token: str = _field(repr=False)
-    refresh_token: str = _field(repr=False)
+    access_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)
     expires_in: int
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class RegistrationUser(_Model):
     """The user created by ``register`` or signed in by magic link."""
 
@@ -1852,11 +1669,11 @@ class RegistrationUser(_Model):
     tier: Optional[str] = None
     email_confirmed: Optional[bool] = None
     wallets: Optional[List[str]] = None
-    roles: List[str] = _field(default_factory=list)
-    is_admin: Optional[bool] = _field(default=None, metadata=_IS_ADMIN_ALIAS)
+    roles: List[str] = field(default_factory=list)
+    is_admin: Optional[bool] = field(default=None, metadata=_IS_ADMIN_ALIAS)
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class RegistrationResponse(_Model):
     """Result of ``register``: the user and, when the server signs in at once, tokens."""
 
@@ -1865,7 +1682,7 @@ class RegistrationResponse(_Model):
     tokens: Optional[RegistrationTokens] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class MagicLinkSendResponse(_Model):
     """Confirmation that a magic link was sent."""
 
@@ -1874,23 +1691,17 @@ class MagicLinkSendResponse(_Model):
     sent_at: Optional[datetime] = None
 
 
-@_dataclass(repr=False, eq=False)
-class MagicLinkAuthResponse(_Model):
-    """Result of ``verify_magic_link``."""
+class MagicLinkAuthResponse(RegistrationResponse):
+    """Result of ``verify_magic_link``: the user, a message and the tokens."""
 
-    user: RegistrationUser
-    message: Optional[str] = None
-    tokens: Optional[RegistrationTokens] = None
-
-
-@_dataclass(repr=False, eq=False)
+@dataclass
 class MessageResponse(_Model):
     """A plain confirmation message."""
 
     message: str
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class UserWallet(_Model):
     """A wallet linked to a user."""
 
@@ -1899,7 +1710,7 @@ class UserWallet(_Model):
     verified: Optional[bool] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class UserProfile(_Model):
     """The signed-in user (``auth.get_current_user``)."""
 
@@ -1907,44 +1718,38 @@ class UserProfile(_Model):
     username: Optional[str] = None
     email: Optional[str] = None
     phone_number: Optional[str] = None
-    wallets: List[UserWallet] = _field(default_factory=list)
+    wallets: List[UserWallet] = field(default_factory=list)
     tier: Optional[str] = None
     metadata: Optional[Dict[str, Any]] = None
-    roles: List[str] = _field(default_factory=list)
-    permissions: List[str] = _field(default_factory=list)
-    is_admin: Optional[bool] = _field(default=None, metadata=_IS_ADMIN_ALIAS)
+    roles: List[str] = field(default_factory=list)
+    permissions: List[str] = field(default_factory=list)
+    is_admin: Optional[bool] = field(default=None, metadata=_IS_ADMIN_ALIAS)
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class SessionContext(_Model):
     """Who is signed in and what they may do: user, entitlements, wallets, MFA."""
 
     user: UserProfile
-    entitlements: List[Dict[str, Any]] = _field(default_factory=list)
+    entitlements: List[Dict[str, Any]] = field(default_factory=list)
     entitlements_count: int = 0
-    wallets: List[Dict[str, Any]] = _field(default_factory=list)
+    wallets: List[Dict[str, Any]] = field(default_factory=list)
     tier: Optional[str] = None
     mfa_enrolled: bool = False
     methods_hint: Optional[str] = None
 
 
-@_dataclass(repr=False, eq=False)
-class PasswordResetRequestResponse(_Model):
+class PasswordResetRequestResponse(MagicLinkSendResponse):
     """Confirmation that a password-reset email was requested."""
-
-    message: str
-    email: Optional[str] = None
-    sent_at: Optional[datetime] = None
-
 
 # --- Session models ---
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class SessionSummary(_Model):
     """The session behind the current access token."""
 
-    session_id: str = _field(metadata=_ID_ALIAS)
+    session_id: str = field(metadata=_ID_ALIAS)
     user_id: str
     application_id: str
     created_at: datetime
@@ -1956,7 +1761,7 @@ class SessionSummary(_Model):
     idle_minutes: Optional[float] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class SessionValidationResult(_Model):
     """Whether the current session is valid."""
 
@@ -1967,11 +1772,11 @@ class SessionValidationResult(_Model):
     reason: Optional[str] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class SessionRecord(_Model):
     """One of the user's sessions, as listed by ``list_sessions``."""
 
-    session_id: str = _field(metadata=_ID_ALIAS)
+    session_id: str = field(metadata=_ID_ALIAS)
     user_id: str
     application_id: str
     created_at: datetime
@@ -1983,11 +1788,11 @@ class SessionRecord(_Model):
     is_current: Optional[bool] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class SessionListResult(_Model):
     """A page of sessions; ``total`` counts all of them."""
 
-    sessions: List[SessionRecord] = _field(default_factory=list)
+    sessions: List[SessionRecord] = field(default_factory=list)
     total: int = 0
 
     @classmethod
@@ -1999,7 +1804,7 @@ class SessionListResult(_Model):
         return {**obj, "sessions": sessions, "total": total}
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class SessionTouchResult(_Model):
     """Result of ``touch_session``."""
 
@@ -2008,7 +1813,7 @@ class SessionTouchResult(_Model):
     last_activity: Optional[datetime] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class SessionRevokeResult(_Model):
     """Result of ``revoke_session``."""
 
@@ -2019,12 +1824,12 @@ class SessionRevokeResult(_Model):
 # --- Payment models ---
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class CheckoutSession(_Model):
     """A Stripe checkout session: send the user to ``checkout_url``."""
 
-    session_id: str = _field(metadata={"alias": "id"})
-    checkout_url: Optional[str] = _field(default=None, metadata={"alias": "url"})
+    session_id: str = field(metadata={"alias": "id"})
+    checkout_url: Optional[str] = field(default=None, metadata={"alias": "url"})
     expires_at: Optional[datetime] = None
     status: Optional[str] = None
     payment_status: Optional[str] = None
@@ -2033,16 +1838,16 @@ class CheckoutSession(_Model):
     metadata: Optional[Dict[str, Any]] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class PaymentIntent(_Model):
     """A Stripe payment intent; ``client_secret`` is hidden from ``repr``."""
 
     payment_intent_id: str
-    client_secret: Optional[str] = _field(default=None, repr=False)
+    client_secret: Optional[str] = field(default=None, repr=False)
     status: Optional[str] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class WalletDeposit(_Model):
     """A recorded crypto wallet deposit."""
 
@@ -2054,7 +1859,7 @@ class WalletDeposit(_Model):
     confirmation_current: Optional[int] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class WalletTransaction(_Model):
     """A wallet deposit transaction and its confirmations."""
 
@@ -2068,7 +1873,7 @@ class WalletTransaction(_Model):
     completed_at: Optional[datetime] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class SubscriptionPlan(_Model):
     """The price a subscription is on."""
 
@@ -2076,18 +1881,18 @@ class SubscriptionPlan(_Model):
     interval: Optional[str] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class SubscriptionDetail(_Model):
     """A subscription and its plan."""
 
-    subscription_id: str = _field(metadata=_ID_ALIAS)
-    plan: SubscriptionPlan = _field(default_factory=SubscriptionPlan)
+    subscription_id: str = field(metadata=_ID_ALIAS)
+    plan: SubscriptionPlan = field(default_factory=SubscriptionPlan)
     status: Optional[str] = None
     current_period_end: Optional[datetime] = None
     cancel_at_period_end: Optional[bool] = None
     current_period_start: Optional[datetime] = None
     canceled_at: Optional[datetime] = None
-    items: List[Dict[str, Any]] = _field(default_factory=list)
+    items: List[Dict[str, Any]] = field(default_factory=list)
     price_id: Optional[str] = None
 
     @classmethod
@@ -2104,19 +1909,19 @@ class SubscriptionDetail(_Model):
                 **obj}
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class SubscriptionList(_Model):
     """A page of the user's subscriptions."""
 
-    subscriptions: List[SubscriptionDetail] = _field(default_factory=list)
+    subscriptions: List[SubscriptionDetail] = field(default_factory=list)
     has_more: bool = False
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class Price(_Model):
     """A price SPAPS manages; ``unit_amount`` in minor units (cents)."""
 
-    price_id: str = _field(metadata=_ID_ALIAS)
+    price_id: str = field(metadata=_ID_ALIAS)
     currency: Optional[str] = None
     type: Optional[str] = None
     unit_amount: Optional[int] = None
@@ -2126,51 +1931,51 @@ class Price(_Model):
     active: Optional[bool] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class Product(_Model):
     """A product of the application's catalogue and its default price."""
 
-    product_id: str = _field(metadata=_ID_ALIAS)
+    product_id: str = field(metadata=_ID_ALIAS)
     name: Optional[str] = None
     description: Optional[str] = None
     active: Optional[bool] = None
     default_price: Optional[Price] = None
-    prices: List[Price] = _field(default_factory=list)
-    images: List[str] = _field(default_factory=list)
+    prices: List[Price] = field(default_factory=list)
+    images: List[str] = field(default_factory=list)
     metadata: Optional[Dict[str, Any]] = None
     created_at: Optional[datetime] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class ProductList(_Model):
     """A page of products; ``total`` counts all of them."""
 
-    products: List[Product] = _field(default_factory=list)
+    products: List[Product] = field(default_factory=list)
     total: Optional[int] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class CheckoutSessionList(_Model):
     """A page of the user's checkout sessions."""
 
-    sessions: List[CheckoutSession] = _field(default_factory=list)
+    sessions: List[CheckoutSession] = field(default_factory=list)
     has_more: bool = False
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class PortalSession(_Model):
     """A Stripe billing-portal session: send the user to ``url``."""
 
     url: Optional[str] = None
-    session_id: Optional[str] = _field(default=None, metadata=_ID_ALIAS)
+    session_id: Optional[str] = field(default=None, metadata=_ID_ALIAS)
     return_url: Optional[str] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class PaymentRecord(_Model):
     """A payment in the user's history; ``amount`` in minor units (cents)."""
 
-    payment_id: str = _field(metadata=_ID_ALIAS)
+    payment_id: str = field(metadata=_ID_ALIAS)
     amount: Optional[int] = None
     currency: Optional[str] = None
     status: Optional[str] = None
@@ -2180,27 +1985,27 @@ class PaymentRecord(_Model):
     metadata: Optional[Dict[str, Any]] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class PaymentHistory(_Model):
     """A page of the user's payments."""
 
-    payments: List[PaymentRecord] = _field(default_factory=list)
+    payments: List[PaymentRecord] = field(default_factory=list)
     has_more: bool = False
     total_count: Optional[int] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class SubscriptionCancellation(_Model):
     """Result of ``cancel_subscription``."""
 
-    subscription_id: str = _field(metadata=_ID_ALIAS)
+    subscription_id: str = field(metadata=_ID_ALIAS)
     status: Optional[str] = None
     cancel_at_period_end: Optional[bool] = None
     canceled_at: Optional[datetime] = None
     current_period_end: Optional[datetime] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class BalanceAmounts(_Model):
     """Available and pending balance in one currency."""
 
@@ -2209,7 +2014,7 @@ class BalanceAmounts(_Model):
     currency: str
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class UsageSummary(_Model):
     """Credits used in the current billing period."""
 
@@ -2219,17 +2024,17 @@ class UsageSummary(_Model):
     credits_remaining: Optional[int] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class BalanceOverview(_Model):
     """The user's balance, tier and usage."""
 
     balance: BalanceAmounts
-    usage: UsageSummary = _field(default_factory=UsageSummary)
+    usage: UsageSummary = field(default_factory=UsageSummary)
     tier: Optional[str] = None
     tier_expires_at: Optional[datetime] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class PaymentMethodUpdateResult(_Model):
     """Result of ``update_payment_method``."""
 
@@ -2239,11 +2044,11 @@ class PaymentMethodUpdateResult(_Model):
     is_default: bool = False
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class CryptoInvoice(_Model):
     """A crypto invoice; ``amount`` is a decimal string such as ``"42.75"``."""
 
-    invoice_id: str = _field(metadata=_ID_ALIAS)
+    invoice_id: str = field(metadata=_ID_ALIAS)
     asset: str
     network: str
     amount: str
@@ -2259,11 +2064,11 @@ class CryptoInvoice(_Model):
     created_at: Optional[str] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class CryptoInvoiceStatus(_Model):
     """The settlement status of a crypto invoice."""
 
-    invoice_id: str = _field(metadata=_ID_ALIAS)
+    invoice_id: str = field(metadata=_ID_ALIAS)
     status: str
     finalized_at: Optional[str] = None
     normalized_amount: Optional[str] = None
@@ -2275,7 +2080,7 @@ class CryptoInvoiceStatus(_Model):
     expires_at: Optional[str] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class CryptoReconcileJob(_Model):
     """The outcome of ``reconcile``: SPAPS 0.6 runs it at once (``reconciled``,
     ``message``); servers that schedule it answer ``job_id`` and ``scheduled_at``."""
@@ -2290,7 +2095,7 @@ class CryptoReconcileJob(_Model):
 # --- Usage models ---
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class UsagePeriod(_Model):
     """The billing period usage is counted in."""
 
@@ -2298,36 +2103,36 @@ class UsagePeriod(_Model):
     end: Optional[str] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class UsageFeature(_Model):
     """A metered feature: its key (``name``, JSON ``feature_key``), dimensions and limits."""
 
-    name: str = _field(metadata={"alias": "feature_key"})
+    name: str = field(metadata={"alias": "feature_key"})
     description: Optional[str] = None
     used: Optional[float] = None
     limit: Optional[float] = None
     percentage: Optional[float] = None
     reset_at: Optional[str] = None
     display_name: Optional[str] = None
-    dimensions: List[str] = _field(default_factory=list)
-    limits: Dict[str, Any] = _field(default_factory=dict)
+    dimensions: List[str] = field(default_factory=list)
+    limits: Dict[str, Any] = field(default_factory=dict)
     active: Optional[bool] = None
     policy_key: Optional[str] = None
-    active_entitlements: List[str] = _field(default_factory=list)
+    active_entitlements: List[str] = field(default_factory=list)
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class UsageFeaturesResponse(_Model):
     """The user's metered features."""
 
     user_id: Optional[str] = None
     tier: Optional[str] = None
-    period: UsagePeriod = _field(default_factory=UsagePeriod)
-    features: List[UsageFeature] = _field(default_factory=list)
+    period: UsagePeriod = field(default_factory=UsagePeriod)
+    features: List[UsageFeature] = field(default_factory=list)
     overage: Optional[Dict[str, Any]] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class UsageRecordUsage(_Model):
     """Usage of a feature after recording."""
 
@@ -2336,27 +2141,27 @@ class UsageRecordUsage(_Model):
     remaining: Optional[float] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class UsageRecordResult(_Model):
     """Result of ``record_usage``: the recorded event and the usage it brings the window to.
 
     ``replayed`` is true when SPAPS had already recorded this ``idempotency_key``.
     """
 
-    record_id: str = _field(metadata={"alias": "event_id"})
-    feature: str = _field(metadata={"alias": "feature_key"})
+    record_id: str = field(metadata={"alias": "event_id"})
+    feature: str = field(metadata={"alias": "feature_key"})
     quantity: Optional[float] = None
     recorded_at: Optional[str] = None
     warning: Optional[str] = None
-    current_usage: UsageRecordUsage = _field(default_factory=UsageRecordUsage)
+    current_usage: UsageRecordUsage = field(default_factory=UsageRecordUsage)
     status: Optional[str] = None
     replayed: Optional[bool] = None
     idempotency_key: Optional[str] = None
     authorization_ref: Optional[str] = None
-    window_totals: Dict[str, Any] = _field(default_factory=dict)
+    window_totals: Dict[str, Any] = field(default_factory=dict)
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class UsageReason(_Model):
     """Why SPAPS decided as it did about a usage authorization."""
 
@@ -2365,7 +2170,7 @@ class UsageReason(_Model):
     details: Optional[Dict[str, Any]] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class UsageWindow(_Model):
     """The metering window a usage decision counts in."""
 
@@ -2374,7 +2179,7 @@ class UsageWindow(_Model):
     ends_at: Optional[datetime] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class UsageAuthorization(_Model):
     """SPAPS's decision on using a feature (``allowed``, ``allowed_with_warning``,
     ``blocked`` or ``escalate``); record the use with ``authorization_ref``."""
@@ -2385,13 +2190,13 @@ class UsageAuthorization(_Model):
     resource_type: Optional[str] = None
     resource_id: Optional[str] = None
     subject_user_id: Optional[str] = None
-    active_entitlements: List[str] = _field(default_factory=list)
+    active_entitlements: List[str] = field(default_factory=list)
     policy_key: Optional[str] = None
     window: Optional[UsageWindow] = None
-    window_totals: Dict[str, Any] = _field(default_factory=dict)
-    remaining: Dict[str, Any] = _field(default_factory=dict)
-    reasons: List[UsageReason] = _field(default_factory=list)
-    warnings: List[str] = _field(default_factory=list)
+    window_totals: Dict[str, Any] = field(default_factory=dict)
+    remaining: Dict[str, Any] = field(default_factory=dict)
+    reasons: List[UsageReason] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
     expires_at: Optional[datetime] = None
 
     @property
@@ -2400,44 +2205,44 @@ class UsageAuthorization(_Model):
         return self.decision in ("allowed", "allowed_with_warning")
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class UsageEvent(_Model):
     """One recorded use of a feature, as ``get_history`` lists it."""
 
     event_id: str
     feature_key: str
-    dimensions: Dict[str, Any] = _field(default_factory=dict)
+    dimensions: Dict[str, Any] = field(default_factory=dict)
     resource_type: Optional[str] = None
     resource_id: Optional[str] = None
     subject_user_id: Optional[str] = None
     authorization_ref: Optional[str] = None
     idempotency_key: Optional[str] = None
     policy_key: Optional[str] = None
-    active_entitlements: List[str] = _field(default_factory=list)
+    active_entitlements: List[str] = field(default_factory=list)
     metadata: Optional[Dict[str, Any]] = None
     occurred_at: Optional[datetime] = None
     recorded_at: Optional[datetime] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class UsageHistoryEntry(_Model):
     """Usage on one date."""
 
     date: Optional[str] = None
-    features: Dict[str, Any] = _field(default_factory=dict)
+    features: Dict[str, Any] = field(default_factory=dict)
     total_cost: Optional[float] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class UsageHistoryResponse(_Model):
     """Usage history over a period."""
 
     period: Optional[str] = None
     start_date: Optional[str] = None
     end_date: Optional[str] = None
-    history: List[UsageHistoryEntry] = _field(default_factory=list)
+    history: List[UsageHistoryEntry] = field(default_factory=list)
     summary: Optional[Dict[str, Any]] = None
-    events: List[UsageEvent] = _field(default_factory=list)
+    events: List[UsageEvent] = field(default_factory=list)
     has_more: bool = False
     next_offset: Optional[int] = None
 
@@ -2445,7 +2250,7 @@ class UsageHistoryResponse(_Model):
 # --- Entitlement models ---
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class Entitlement(_Model):
     """What a user (or company, org, ...) may use, from a purchase or a manual grant."""
 
@@ -2465,21 +2270,21 @@ class Entitlement(_Model):
     revoked_reason: Optional[str] = None
     manual_grant_reason: Optional[str] = None
     granted_by_user_id: Optional[str] = None
-    metadata: Dict[str, Any] = _field(default_factory=dict)
+    metadata: Dict[str, Any] = field(default_factory=dict)
     created_at: Optional[datetime] = None
     updated_at: Optional[datetime] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class EntitlementClaimResult(_Model):
     """Entitlements bought for the user's e-mail before the account existed, now theirs."""
 
-    claimed: List[Entitlement] = _field(default_factory=list)
+    claimed: List[Entitlement] = field(default_factory=list)
     count: int = 0
 
 
-@_dataclass(repr=False, eq=False)
-class ManualGrantParams(_LazyDataclass):
+@dataclass
+class ManualGrantParams:
     """What ``entitlements.grant_manual`` grants; name a beneficiary by id or e-mail."""
 
     entitlement_key: str
@@ -2496,7 +2301,7 @@ class ManualGrantParams(_LazyDataclass):
 # --- Whitelist and secure message models ---
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class WhitelistEntry(_Model):
     """An email on the whitelist."""
 
@@ -2511,7 +2316,7 @@ class WhitelistEntry(_Model):
     updated_at: Optional[datetime] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class WhitelistCheckResult(_Model):
     """Whether an email is whitelisted; ``entry`` is ``None`` when it is not."""
 
@@ -2519,11 +2324,11 @@ class WhitelistCheckResult(_Model):
     entry: Optional[WhitelistEntry] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class WhitelistListResult(_Model):
     """A page of whitelist entries."""
 
-    entries: List[WhitelistEntry] = _field(default_factory=list)
+    entries: List[WhitelistEntry] = field(default_factory=list)
     total: int = 0
 
     @classmethod
@@ -2535,27 +2340,23 @@ class WhitelistListResult(_Model):
         return {**obj, "entries": entries, "total": total}
 
 
-@_dataclass(repr=False, eq=False)
-class WhitelistMessage(_Model):
+class WhitelistMessage(MessageResponse):
     """A whitelist confirmation message."""
 
-    message: str
-
-
-@_dataclass(repr=False, eq=False)
+@dataclass
 class SecureMessage(_Model):
     """A secure message between a patient and a practitioner."""
 
     id: str
     patient_id: str
     practitioner_id: str
-    content: str = _field(repr=False)
+    content: str = field(repr=False)
     application_id: Optional[str] = None
     metadata: Optional[Dict[str, Any]] = None
     created_at: Optional[str] = None
 
 
-@_dataclass(repr=False, eq=False)
+@dataclass
 class SpapsWebhookPayload(_Model):
     """A verified SPAPS webhook event."""
 
@@ -2572,12 +2373,12 @@ class SpapsWebhookPayload(_Model):
 # =============================================================================
 
 
-@_dataclass(repr=False, eq=False)
-class StoredTokens(_LazyDataclass):
+@dataclass
+class StoredTokens:
     """Tokens kept between calls; the tokens are hidden from ``repr``."""
 
-    access_token: str = _field(repr=False)
-    refresh_token: Optional[str] = _field(default=None, repr=False)
+    access_token: str = field(repr=False)
+    refresh_token: Optional[str] = field(default=None, repr=False)
     expires_at: Optional[datetime] = None
     token_type: Optional[str] = None
 
@@ -2591,7 +2392,7 @@ class StoredTokens(_LazyDataclass):
         return expires_at - datetime.now(timezone.utc) < timedelta(seconds=seconds)
 
 
-_LOCK_CREATION = _thread.allocate_lock()
+_LOCK_CREATION = threading.Lock()
 
 
 class TokenStorage(ABC):
@@ -2618,12 +2419,12 @@ class TokenStorage(ABC):
     def clear(self) -> None:
         """Forget the stored tokens."""
 
-    def lock(self) -> AbstractContextManager[Any]:
+    def lock(self) -> ContextManager[Any]:
         """A context manager held while tokens are refreshed."""
         lock = self._refresh_lock
         if lock is None:
             with _LOCK_CREATION:  # two threads must never get two different locks
-                lock = self.__dict__.setdefault("_refresh_lock", _thread.RLock())
+                lock = self.__dict__.setdefault("_refresh_lock", threading.RLock())
         return lock
 
 
@@ -2632,7 +2433,7 @@ class InMemoryTokenStorage(TokenStorage):
 
     def __init__(self) -> None:
         self._tokens: Optional[StoredTokens] = None
-        self._lock = _thread.allocate_lock()
+        self._lock = threading.Lock()
 
     def save(self, tokens: StoredTokens) -> None:
         with self._lock:
@@ -2668,7 +2469,7 @@ class FileTokenStorage(TokenStorage):
 
     def __init__(self, *, path: Optional[Union[str, os.PathLike[str]]] = None) -> None:
         self.path: str = os.path.abspath(os.path.expanduser(os.fspath(path or self.DEFAULT_PATH)))
-        self._thread_lock = _thread.RLock()
+        self._thread_lock = threading.RLock()
 
     def __repr__(self) -> str:
         return f"FileTokenStorage(path={self.path!r})"
@@ -2688,7 +2489,7 @@ class FileTokenStorage(TokenStorage):
                     os.close(fd)
                 os.replace(temp, self.path)
             except BaseException:
-                with _suppress_os_error():
+                with contextlib.suppress(OSError):
                     os.unlink(temp)
                 raise
             _fsync_directory(directory)
@@ -2705,7 +2506,7 @@ class FileTokenStorage(TokenStorage):
 
     def clear(self) -> None:
         with self._thread_lock:
-            with _suppress_os_error():
+            with contextlib.suppress(OSError):
                 os.unlink(self.path)
             self._remove_temp_files(only_orphans=False)
 
@@ -2727,10 +2528,10 @@ class FileTokenStorage(TokenStorage):
                 continue
             if only_orphans and _process_alive(int(parts[0])):
                 continue
-            with _suppress_os_error():
+            with contextlib.suppress(OSError):
                 os.unlink(os.path.join(directory, entry))
 
-    def lock(self) -> AbstractContextManager[Any]:
+    def lock(self) -> ContextManager[Any]:
         return _FileLock(self.path + ".lock", self._thread_lock)
 
 
@@ -2780,14 +2581,6 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-class _suppress_os_error:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Optional[type], *rest: object) -> bool:
-        return kind is not None and issubclass(kind, OSError)
-
-
 def _fsync_directory(directory: str) -> None:
     """Make the rename durable; not every platform can open a directory."""
     try:
@@ -2804,8 +2597,6 @@ def _fsync_directory(directory: str) -> None:
 
 def _encode_tokens(tokens: StoredTokens) -> bytes:
     """The JSON document file and Redis storages keep."""
-    import json
-
     document = {
         "access_token": tokens.access_token,
         "refresh_token": tokens.refresh_token,
@@ -2817,8 +2608,6 @@ def _encode_tokens(tokens: StoredTokens) -> bytes:
 
 def _decode_tokens(raw: Union[bytes, str]) -> Optional[StoredTokens]:
     """Tokens from ``_encode_tokens``'s document; ``None`` for anything unusable."""
-    import json
-
     try:
         document = json.loads(raw)
     except ValueError:
@@ -2839,13 +2628,6 @@ def _decode_tokens(raw: Union[bytes, str]) -> Optional[StoredTokens]:
         expires_at,
         token_type if isinstance(token_type, str) else None,
     )
-
-
-class TokenStorageError(SpapsError):
-    """The token storage could not be read or written (Redis down, a lock lost, ...)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, error_code="TOKEN_STORAGE_FAILED", retryable=False)
 
 
 class RedisTokenStorage(TokenStorage):
@@ -2880,7 +2662,7 @@ class RedisTokenStorage(TokenStorage):
         self.key = key
         self.lock_timeout = float(lock_timeout)
         self.lock_wait = float(lock_timeout if lock_wait is None else lock_wait)
-        self._thread_lock = _thread.RLock()
+        self._thread_lock = threading.RLock()
 
     def __repr__(self) -> str:
         return f"RedisTokenStorage(key={self.key!r})"
@@ -2895,8 +2677,8 @@ class RedisTokenStorage(TokenStorage):
     def clear(self) -> None:
         self._redis("clear tokens in", self.client.delete, self.key)
 
-    def lock(self) -> AbstractContextManager[Any]:
-        return _RedisLease(self)
+    def lock(self) -> ContextManager[Any]:
+        return _RedisLease(self, self.lock_wait)
 
     def _redis(self, what: str, command: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
@@ -2911,17 +2693,14 @@ class _RedisLease:
     """One holder's lease of a ``RedisTokenStorage`` lock (threads of a process queue
     on a local lock first, so that only one of them polls Redis)."""
 
-    def __init__(self, storage: RedisTokenStorage) -> None:
+    def __init__(self, storage: RedisTokenStorage, wait: float) -> None:
         self.storage = storage
+        self.wait = wait
         self.owner = os.urandom(16).hex()
 
     def __enter__(self) -> _RedisLease:
         storage = self.storage
-        # One wait for both locks, and never past the budget of the call that needs them.
-        deadline = time.monotonic() + storage.lock_wait
-        budget = getattr(_CALL_BUDGET, "deadline", None)
-        if budget is not None and budget < deadline:
-            deadline = budget
+        deadline = time.monotonic() + self.wait  # one wait for both locks
         if not storage._thread_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise TokenStorageError("timed out waiting for another thread's token refresh")
         try:
@@ -2949,9 +2728,7 @@ class _RedisLease:
         except TokenStorageError as exc:
             # The work under the lock is done (and saved, or reported); an unreleased lease
             # only lapses on its own, so this must not fail the call or mask its error.
-            import logging
-
-            logging.getLogger("spaps_client").warning("%s; it lapses by itself", exc)
+            _logger().warning("%s; it lapses by itself", exc)
         finally:
             storage._thread_lock.release()
 
@@ -2971,9 +2748,10 @@ def _tokens_from(access_token: str, refresh_token: Optional[str], expires_in: Op
 # Services
 # =============================================================================
 #
-# Each endpoint is one method of a sync service class. The async classes are
-# derived from them (``_async_twin``): they run the very same method in a
-# worker thread, so the wire behaviour of both surfaces cannot drift apart.
+# Each endpoint is one method of a sync service class; the async classes below
+# run the very same methods in worker threads, so the wire behaviour of both
+# surfaces cannot drift apart. Every call gets one deadline, passed down
+# explicitly: a token refresh and a replay after a 401 share it.
 
 
 class _TokenSource:
@@ -2982,15 +2760,15 @@ class _TokenSource:
     def __init__(self, token: Optional[str] = None) -> None:
         self.token = token
 
-    def current(self) -> Optional[str]:
+    def current(self, deadline: float) -> Optional[str]:
         """The token for the next request (refreshed first if it is about to expire)."""
         return self.token
 
     def peek(self) -> Optional[str]:
-        """The token as it is now, without refreshing."""
+        """The token as last seen, without refreshing."""
         return self.token
 
-    def after_rejection(self, rejected: str) -> Optional[str]:
+    def after_rejection(self, rejected: str, deadline: float) -> Optional[str]:
         """A new token after the server rejected ``rejected`` with 401, or ``None``."""
         return None
 
@@ -3002,7 +2780,7 @@ class _TokenSource:
 class _StoredTokenSource(_TokenSource):
     """Tokens read from a ``TokenStorage`` at every request, refreshed when they expire.
 
-    A refresh happens under ``storage.lock()`` and re-reads the storage first:
+    A refresh happens under ``storage.lock()`` and reads the storage again first:
     whoever waited for the lock finds the new token and sends no request of its
     own, so one expiry costs one refresh however many threads, tasks or
     processes hit it.
@@ -3011,7 +2789,7 @@ class _StoredTokenSource(_TokenSource):
     EXPIRY_MARGIN = 30.0  # seconds before expires_at: covers clock skew and transit time
 
     def __init__(self, storage: TokenStorage,
-                 refresh: Optional[Callable[[str], StoredTokens]] = None) -> None:
+                 refresh: Optional[Callable[[str, float], StoredTokens]] = None) -> None:
         super().__init__()
         self.storage = storage
         self.refresh = refresh
@@ -3019,70 +2797,68 @@ class _StoredTokenSource(_TokenSource):
         # Tokens SPAPS issued that the storage refused to save: kept for this process, so
         # that a broken storage never costs the session the server already opened.
         self.unsaved: Optional[StoredTokens] = None
-        self._local_lock = _thread.RLock()
+        self.last: Optional[StoredTokens] = None  # what peek() shows without reading storage
+        self._loaded = False
+        self._local_lock = threading.RLock()
 
     def load(self) -> Optional[StoredTokens]:
         """The tokens to use: unsaved ones first, else the storage's."""
-        if self.unsaved is not None:
-            return _copy_tokens(self.unsaved)
-        return _storage_call(self.storage, "read tokens from", self.storage.load)
+        tokens = self.unsaved if self.unsaved is not None else _storage_call(
+            self.storage, "read tokens from", self.storage.load)
+        self.last, self._loaded = tokens, True
+        return None if tokens is None else _copy_tokens(tokens)
 
     def save(self, tokens: StoredTokens) -> None:
         """Save ``tokens``; if the storage fails, keep them in memory and say so."""
+        self.last, self._loaded = _copy_tokens(tokens), True
         try:
             _storage_call(self.storage, "save tokens to", self.storage.save, tokens)
         except TokenStorageError as exc:
-            import logging
-
             self.unsaved = _copy_tokens(tokens)
-            logging.getLogger("spaps_client").warning(
-                "%s; the session is kept in memory for this process only", exc)
+            _logger().warning("%s; the session is kept in memory for this process only", exc)
         else:
             self.unsaved = None
 
     def clear(self) -> None:
         """Forget the tokens, in memory and in the storage."""
-        self.unsaved = None
+        self.unsaved = self.last = None
         _storage_call(self.storage, "clear tokens in", self.storage.clear)
 
-    def current(self) -> Optional[str]:
+    def current(self, deadline: float) -> Optional[str]:
         tokens = self.load()
         if tokens is None:
             return None
         if self.refresh is not None and tokens.refresh_token and tokens.expires_within(
-            self._margin(tokens)
-        ):
+                self._margin()):
             try:
-                return self._refresh(tokens.access_token).access_token
+                return self._refresh(tokens.access_token, deadline).access_token
             except SpapsError:
                 if tokens.expires_within(0):
                     raise
         return tokens.access_token
 
     def peek(self) -> Optional[str]:
-        tokens = self.load()
+        tokens = self.last if self._loaded else self.load()
         return tokens.access_token if tokens else None
 
     def known_secrets(self) -> List[str]:
-        try:
-            tokens = self.load()
-        except Exception:  # a broken storage must not hide the error being reported
-            return []
+        tokens = self.last
         return [tokens.access_token, tokens.refresh_token or ""] if tokens else []
 
-    def after_rejection(self, rejected: str) -> Optional[str]:
+    def after_rejection(self, rejected: str, deadline: float) -> Optional[str]:
         if self.refresh is None:
             return None
         stored = self.load()
         if stored is None or (stored.access_token == rejected and not stored.refresh_token):
             return None  # nothing to refresh with: the caller reports the original 401
-        return self._refresh(rejected).access_token
+        return self._refresh(rejected, deadline).access_token
 
-    def _refresh(self, stale: str) -> StoredTokens:
+    def _refresh(self, stale: str, deadline: float) -> StoredTokens:
         assert self.refresh is not None
         # Tokens only this process holds (the storage failed to save them) need no lock
         # shared with other processes, which a broken storage could not give anyway.
-        guard = self._local_lock if self.unsaved is not None else _StorageLock(self.storage)
+        guard = (self._local_lock if self.unsaved is not None
+                 else _StorageLock(self.storage, deadline - time.monotonic()))
         with guard:
             tokens = self.load()
             if tokens is None:
@@ -3093,17 +2869,13 @@ class _StoredTokenSource(_TokenSource):
             if not tokens.refresh_token:
                 raise AuthError("the access token expired and no refresh token is stored",
                                 status_code=401, error_code="NO_REFRESH_TOKEN", retryable=False)
-            return self.refresh(tokens.refresh_token)
+            return self.refresh(tokens.refresh_token, deadline)
 
-    def _margin(self, tokens: StoredTokens) -> float:
-        """How early to refresh: ``EXPIRY_MARGIN``, or half the life of short-lived tokens.
-
-        With tokens that live less than the margin, every call (of every client sharing
-        the storage) would otherwise refresh.
-        """
-        if self.lifetime is None:
-            return self.EXPIRY_MARGIN
-        return min(self.EXPIRY_MARGIN, self.lifetime / 2)
+    def _margin(self) -> float:
+        """How early to refresh: ``EXPIRY_MARGIN``, or half the life of short-lived tokens
+        (which would otherwise be refreshed by every call of every client)."""
+        return self.EXPIRY_MARGIN if self.lifetime is None else min(self.EXPIRY_MARGIN,
+                                                                     self.lifetime / 2)
 
 
 def _storage_call(storage: TokenStorage, what: str, call: Callable[..., _T], *args: Any) -> _T:
@@ -3120,15 +2892,19 @@ def _storage_call(storage: TokenStorage, what: str, call: Callable[..., _T], *ar
 
 class _StorageLock:
     """``storage.lock()`` with its failures (a lock file in a read-only directory, Redis
-    down) raised as ``TokenStorageError``."""
+    down) raised as ``TokenStorageError``; a Redis lease is waited for at most ``wait``."""
 
-    def __init__(self, storage: TokenStorage) -> None:
+    def __init__(self, storage: TokenStorage, wait: float) -> None:
         self.storage = storage
-        self.held: Optional[AbstractContextManager[Any]] = None
+        self.wait = max(0.0, wait)
+        self.held: Optional[ContextManager[Any]] = None
 
     def __enter__(self) -> None:
-        held = _storage_call(self.storage, "lock", self.storage.lock)
-        _storage_call(self.storage, "lock", held.__enter__)
+        storage = self.storage
+        held = _storage_call(storage, "lock", storage.lock)
+        if isinstance(held, _RedisLease):
+            held.wait = min(held.wait, self.wait)  # never wait past the call's budget
+        _storage_call(storage, "lock", held.__enter__)
         self.held = held
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -3153,16 +2929,20 @@ class _Context:
 
 
 _NONE, _KEY, _BEARER, _OPTIONAL_BEARER = "none", "key", "bearer", "optional"
+_NO_BODY: Any = object()
+# Request-body fields whose values are credentials.
+_SECRET_FIELDS = ("password", "new_password", "refresh_token", "access_token", "token", "code",
+                  "recovery_code", "signature")
 
 
 class _Reply:
     """A successful JSON response, with helpers that turn surprises into service errors."""
 
-    __slots__ = ("body", "result", "service")
+    __slots__ = ("body", "response", "service")
 
-    def __init__(self, service: _Service, result: _Result, body: Dict[str, Any]) -> None:
+    def __init__(self, service: _Service, response: HttpResponse, body: Dict[str, Any]) -> None:
         self.service = service
-        self.result = result
+        self.response = response
         self.body = body
 
     def data(self) -> Dict[str, Any]:
@@ -3174,11 +2954,13 @@ class _Reply:
             raise self.invalid(f"'data' is {_kind(data)}, expected an object")
         return data
 
-    def first_text(self, *candidates: Any) -> Optional[str]:
-        for value in candidates:
-            if isinstance(value, str) and value:
-                return value
-        return None
+    def model(self, model: Type[_M], inside: Optional[str] = None, **defaults: Any) -> _M:
+        """The payload as ``model``: the object under key ``inside`` if there is one,
+        with ``defaults`` for what the server leaves out."""
+        payload = self.data()
+        nested = payload.get(inside) if inside else None
+        return self.parse(model, {**defaults, **(nested if isinstance(nested, dict)
+                                                 else payload)})
 
     def parse(self, model: Type[_M], payload: Any) -> _M:
         try:
@@ -3187,44 +2969,74 @@ class _Reply:
             raise self.invalid(str(exc)) from None
 
     def invalid(self, problem: str) -> SpapsError:
-        result = self.result
+        response = self.response
         return self.service._error(
             f"{self.service._label} response was not understood: {problem}",
-            status_code=result.status, error_code="INVALID_RESPONSE", response=result.public,
-            request_id=_request_id(result, self.body), retryable=False,
-        )
+            status_code=response.status_code, error_code="INVALID_RESPONSE",
+            response=response.redacted(), request_id=_request_id(response, self.body),
+            retryable=False)
 
 
-def _request_id(result: _Result, body: Optional[Mapping[str, Any]]) -> Optional[str]:
-    header = result.headers.get("x-request-id")
-    if header:
-        return header
-    if body and isinstance(body.get("request_id"), str) and body["request_id"]:
-        return str(body["request_id"])
+def _first_text(*candidates: Any) -> Optional[str]:
+    return next((value for value in candidates if isinstance(value, str) and value), None)
+
+
+def _request_id(response: HttpResponse, body: Optional[Mapping[str, Any]]) -> Optional[str]:
     metadata = body.get("metadata") if body else None
-    if isinstance(metadata, dict) and isinstance(metadata.get("request_id"), str):
-        return str(metadata["request_id"])
-    return None
+    return _first_text(response.headers.get("x-request-id"), body and body.get("request_id"),
+                       metadata.get("request_id") if isinstance(metadata, dict) else None)
 
 
 def _segment(value: Any, what: str) -> str:
-    """Percent-encode one path parameter so it can never change the request target."""
+    """Percent-encode one path parameter so that it can never change the request target."""
     text = str(value) if value is not None else ""
     if not text or text in (".", ".."):
         raise ValueError(f"{what} must be a non-empty identifier, got {value!r}")
-    from urllib.parse import quote
-
     return quote(text, safe="@+:!$&'()*,;=")
 
 
-def _json_body(pairs: Mapping[str, Any]) -> bytes:
-    import json
+def _pick(**pairs: Any) -> Dict[str, Any]:
+    """Keep the pairs whose value is not ``None``."""
+    return {key: value for key, value in pairs.items() if value is not None}
 
-    return json.dumps(pairs, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+def _query(**filters: Any) -> List[Tuple[str, str]]:
+    """Query pairs for the filters that are set; booleans as ``true``/``false``."""
+    return [(key, ("true" if value else "false") if isinstance(value, bool) else str(value))
+            for key, value in filters.items() if value is not None]
 
 
-# The deadline of the user call running on this thread, if any (see _Service._call).
-_CALL_BUDGET = _thread._local()
+def _scrub(text: str, secrets: List[str]) -> str:
+    """``text`` with every occurrence of a known secret (raw or percent-encoded) redacted."""
+    # Longest first, so that a secret containing another is hidden whole. Very short values
+    # (a 3-character "password" a server rejects) would blank out ordinary words.
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        if len(secret) >= 4:
+            text = text.replace(secret, _REDACTED).replace(quote(secret, safe=""), _REDACTED)
+    return text
+
+
+def _scrub_json(value: Any, secrets: List[str]) -> Any:
+    if isinstance(value, str):
+        return _scrub(value, secrets)
+    if isinstance(value, dict):
+        return {_scrub(str(key), secrets): _scrub_json(item, secrets)
+                for key, item in value.items()}
+    if isinstance(value, list):
+        return [_scrub_json(item, secrets) for item in value]
+    return value
+
+
+def _content_type(response: HttpResponse) -> str:
+    return response.headers.get("content-type", "no content type").split(";")[0]
+
+
+def _json_or_none(content: bytes) -> Any:
+    """The JSON document in ``content``; ``ValueError`` (the class) when it is not JSON."""
+    try:
+        return json.loads(content)
+    except (ValueError, RecursionError):  # invalid UTF-8 too; absurd nesting too
+        return ValueError
 
 
 class _Service:
@@ -3236,23 +3048,16 @@ class _Service:
     _owns_http: bool
 
     def __init__(
-        self,
-        *,
-        base_url: str,
-        api_key: str,
-        access_token: Optional[str] = None,
-        client: Optional[RetryClient] = None,
-        request_timeout: float = DEFAULT_TIMEOUT,
+        self, *, base_url: str, api_key: str, access_token: Optional[str] = None,
+        client: Optional[RetryClient] = None, request_timeout: float = DEFAULT_TIMEOUT,
         retry_config: Optional[Union[RetryConfig, Mapping[str, Any]]] = None,
         logging_hooks: Optional[Union[LoggingHooks, Mapping[str, Any]]] = None,
-        ssl_context: Optional[ssl.SSLContext] = None,
-        allow_insecure_http: bool = False,
+        ssl_context: Optional[ssl.SSLContext] = None, allow_insecure_http: bool = False,
     ) -> None:
         http = client or RetryClient(
             base_url=base_url, timeout=request_timeout, retry_config=retry_config,
             logging_hooks=logging_hooks, ssl_context=ssl_context,
-            allow_insecure_http=allow_insecure_http,
-        )
+            allow_insecure_http=allow_insecure_http)
         self._ctx = _Context(http, base_url, api_key, _TokenSource(access_token))
         self._owns_http = client is None
         self._setup()
@@ -3302,182 +3107,106 @@ class _Service:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r})"
 
-    def _call(
-        self,
-        method: str,
-        path: str,
-        *,
-        auth: str = _BEARER,
-        token: Optional[str] = None,
-        query: Optional[List[Tuple[str, str]]] = None,
-        body: Any = _NO_BODY,
-        headers: Optional[Dict[str, str]] = None,
-        idempotency_key: Optional[str] = None,
-    ) -> _Reply:
-        """Send one request and return its JSON reply; raise the service's error otherwise."""
-        ctx = self._ctx
-        url = ctx.base_url + path
-        if query:
-            from urllib.parse import urlencode
+    def _call(self, method: str, path: str, *, auth: str = _BEARER, token: Optional[str] = None,
+              query: Optional[List[Tuple[str, str]]] = None, body: Any = _NO_BODY,
+              headers: Optional[Dict[str, str]] = None, idempotency_key: Optional[str] = None,
+              deadline: Optional[float] = None) -> _Reply:
+        """Send one request and return its JSON reply; raise the service's error otherwise.
 
-            url += "?" + urlencode(query)
-        payload = None if body is _NO_BODY else _json_body(body)
-        outermost = getattr(_CALL_BUDGET, "deadline", None) is None
-        if outermost:  # the outermost call sets the budget that a refresh and a replay share
-            _CALL_BUDGET.deadline = time.monotonic() + ctx.http.timeout
-        try:
-            return self._call_within_budget(method, url, auth, token, payload, headers,
-                                            idempotency_key, lambda: self._secrets(token, body))
-        finally:
-            if outermost:
-                _CALL_BUDGET.deadline = None
+        ``deadline`` (of the HTTP client's clock) is the budget shared with a token
+        refresh and a replay after 401; a new one is started when it is not given.
+        """
+        ctx = self._ctx
+        url = ctx.base_url + path + ("?" + urlencode(query) if query else "")
+        payload = None if body is _NO_BODY else json.dumps(
+            body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if deadline is None:
+            deadline = ctx.http.clock() + ctx.http.timeout
+        if token == "":  # a backend passing on an absent header must not act as itself
+            raise ValueError(f"{self._label} call given an empty access token; pass None "
+                             "to use the stored one")
+        explicit = token
+        if auth in (_BEARER, _OPTIONAL_BEARER) and not token:
+            token = ctx.tokens.current(deadline)
+            if not token and auth == _BEARER:
+                raise ValueError(f"{self._label} calls need an access token: sign in with "
+                                 "client.auth.sign_in_with_password() or call set_tokens() first")
+        response = self._send(method, url, auth, token, payload, headers, idempotency_key,
+                              deadline)
+        if response.status_code == 401 and token and not explicit:
+            fresh = ctx.tokens.after_rejection(token, deadline)
+            if fresh and fresh != token:
+                response = self._send(method, url, auth, fresh, payload, headers,
+                                      idempotency_key, deadline)
+        return self._reply(response, lambda: self._secrets(token, body))
 
     def _secrets(self, token: Optional[str], body: Any) -> List[str]:
         """Every secret this call could have shown the server: key, tokens, body secrets."""
         found = [self._ctx.api_key, token or "", *self._ctx.tokens.known_secrets()]
         if isinstance(body, Mapping):
-            found.extend(str(body[key]) for key in _SECRET_FIELDS
-                         if isinstance(body.get(key), str))
+            found.extend(body[key] for key in _SECRET_FIELDS if isinstance(body.get(key), str))
         return found
-
-    def _call_within_budget(self, method: str, url: str, auth: str, token: Optional[str],
-                            payload: Optional[bytes], headers: Optional[Dict[str, str]],
-                            idempotency_key: Optional[str],
-                            secrets: Callable[[], List[str]]) -> _Reply:
-        ctx = self._ctx
-        explicit = token
-        if token == "":  # a backend passing on an absent header must not act as itself
-            raise ValueError(f"{self._label} call given an empty access token; pass None "
-                             "to use the stored one")
-        if auth in (_BEARER, _OPTIONAL_BEARER) and not token:
-            token = ctx.tokens.current()
-            if not token and auth == _BEARER:
-                raise ValueError(
-                    f"{self._label} calls need an access token: sign in with "
-                    "client.auth.sign_in_with_password() or call set_tokens() first"
-                )
-        result = self._send(method, url, auth, token, payload, headers, idempotency_key)
-        if result.status == 401 and token and not explicit:
-            fresh = ctx.tokens.after_rejection(token)
-            if fresh and fresh != token:
-                result = self._send(method, url, auth, fresh, payload, headers, idempotency_key)
-        return self._reply(result, secrets)
 
     def _send(self, method: str, url: str, auth: str, token: Optional[str],
               payload: Optional[bytes], extra: Optional[Dict[str, str]],
-              idempotency_key: Optional[str]) -> _Result:
+              idempotency_key: Optional[str], deadline: float) -> HttpResponse:
         headers: Dict[str, str] = {}
         if auth != _NONE:
             headers["X-API-Key"] = self._ctx.api_key
         if token and auth in (_BEARER, _OPTIONAL_BEARER):
             headers["Authorization"] = "Bearer " + token
-        if extra:
-            headers.update(extra)
+        headers.update(extra or {})
         return self._ctx.http.request(method, url, headers=headers, body=payload,
-                                      idempotency_key=idempotency_key)
+                                      idempotency_key=idempotency_key, deadline=deadline)
 
-    def _reply(self, result: _Result, secrets: Callable[[], List[str]]) -> _Reply:
-        import json
-
-        if result.status >= 300:
-            raise self._status_error(result, secrets())
-        reply = _Reply(self, result, {})
-        if result.status == 204:  # No Content: done, and nothing to say about it
+    def _reply(self, response: HttpResponse, secrets: Callable[[], List[str]]) -> _Reply:
+        if response.status_code >= 300:
+            raise self._status_error(response, secrets())
+        reply = _Reply(self, response, {})
+        if response.status_code == 204:  # No Content: done, and nothing to say about it
             return reply
-        if result.body is None:
-            raise reply.invalid(f"the body exceeds {_MAX_BODY} bytes")
-        if not result.body:
+        if not response.content:
             raise reply.invalid("the body is empty")
-        try:
-            body = json.loads(result.body.decode("utf-8"))
-        except (ValueError, RecursionError):  # invalid UTF-8 too; absurd nesting too
-            raise reply.invalid(f"the body is not JSON ({_content_type(result)})") from None
+        body = _json_or_none(response.content)
+        if body is ValueError:
+            raise reply.invalid(f"the body is not JSON ({_content_type(response)})")
         if not isinstance(body, dict):
             raise reply.invalid(f"the body is JSON {_kind(body)}, expected an object")
         if body.get("success") is False:  # an error envelope, whatever the status says
-            raise self._status_error(result, secrets())
+            raise self._status_error(response, secrets())
         reply.body = body
         return reply
 
-    def _status_error(self, result: _Result, secrets: List[str]) -> SpapsError:
-        """The service's error for a status >= 300, from whatever the body offers.
+    def _status_error(self, response: HttpResponse, secrets: List[str]) -> SpapsError:
+        """The service's error for a failed call, from whatever the body offers.
 
         Servers echo input in their messages: every secret the client knows is scrubbed
         from the text (before it is shortened, which could cut a secret in two) so that
         it never reaches logs and error trackers through the exception.
         """
-        import json
-
-        document: Any = None
-        if result.body:
-            try:
-                document = json.loads(result.body)
-            except (ValueError, RecursionError):
-                document = ValueError
+        document = _json_or_none(response.content) if response.content else None
         body = document if isinstance(document, dict) else None
         info = body.get("error") if body else None
-        code = None
-        message = None
         details = None
         if isinstance(info, dict):
-            message = info.get("message") if isinstance(info.get("message"), str) else None
-            code = info.get("code") if isinstance(info.get("code"), str) else None
+            message = _first_text(info.get("message"))
+            code = _first_text(info.get("code"))
             details = info.get("details") if isinstance(info.get("details"), dict) else None
-        elif isinstance(info, str):
-            message = info
-        if not message and body and isinstance(body.get("message"), str):
-            message = body["message"]
-        if not message:
-            detail = (f"; the body was not JSON ({_content_type(result)})"
-                      if document is ValueError else "")
-            message = f"{self._label} request failed with HTTP {result.status}{detail}"
-        retry_after = _parse_retry_after(result.headers.get("retry-after"))
+        else:
+            message, code = _first_text(info), None
+        message = message or _first_text(body and body.get("message")) or (
+            f"{self._label} request failed with HTTP {response.status_code}"
+            + (f"; the body was not JSON ({_content_type(response)})"
+               if document is ValueError else ""))
         return self._error(
-            _scrub(message, secrets), status_code=result.status, error_code=code,
-            response=result.public, request_id=_request_id(result, body),
-            retry_after=retry_after, details=details and _scrub_json(details, secrets),
-        )
-
-
-# Request-body fields whose values are credentials.
-_SECRET_FIELDS = ("password", "new_password", "refresh_token", "access_token", "token", "code",
-                  "recovery_code", "signature")
-
-
-def _scrub(text: str, secrets: List[str]) -> str:
-    """``text`` with every occurrence of a known secret (raw or percent-encoded) redacted."""
-    from urllib.parse import quote
-
-    # Longest first, so that a secret containing another is hidden whole. Very short values
-    # (a 3-character "password" a server rejects) would blank out ordinary words.
-    for secret in sorted(set(secrets), key=len, reverse=True):
-        if len(secret) >= 4:
-            text = text.replace(secret, _REDACTED).replace(quote(secret, safe=""), _REDACTED)
-    return text
-
-
-def _scrub_json(value: Any, secrets: List[str]) -> Any:
-    if isinstance(value, str):
-        return _scrub(value, secrets)
-    if isinstance(value, dict):
-        return {_scrub(str(key), secrets): _scrub_json(item, secrets)
-                for key, item in value.items()}
-    if isinstance(value, list):
-        return [_scrub_json(item, secrets) for item in value]
-    return value
-
-
-def _content_type(result: _Result) -> str:
-    return result.headers.get("content-type", "no content type").split(";")[0]
-
-
-def _pick(**pairs: Any) -> Dict[str, Any]:
-    """Keep the pairs whose value is not ``None``."""
-    return {key: value for key, value in pairs.items() if value is not None}
+            _scrub(message, secrets), status_code=response.status_code, error_code=code,
+            response=response.redacted(), request_id=_request_id(response, body),
+            retry_after=_parse_retry_after(response.headers.get("retry-after")),
+            details=details and _scrub_json(details, secrets))
 
 
 class AuthClient(_Service):
-    """Sign-in, registration, magic links, wallets, tokens and passwords (``/api/auth``).
+    """Sign-in, registration, magic links, wallets, MFA, tokens and passwords (``/api/auth``).
 
     When constructed with a ``token_storage`` (aggregate clients always give
     one), every call that issues tokens stores them and ``logout`` clears them.
@@ -3487,46 +3216,31 @@ class AuthClient(_Service):
     _error = AuthError
     _label = "Authentication"
 
-    def __init__(
-        self,
-        /,
-        *,
-        base_url: str,
-        api_key: str,
-        client: Optional[RetryClient] = None,
-        request_timeout: float = DEFAULT_TIMEOUT,
-        token_storage: Optional[TokenStorage] = None,
-        **options: Any,
-    ) -> None:
+    def __init__(self, /, *, base_url: str, api_key: str, client: Optional[RetryClient] = None,
+                 request_timeout: float = DEFAULT_TIMEOUT,
+                 token_storage: Optional[TokenStorage] = None, **options: Any) -> None:
         super().__init__(base_url=base_url, api_key=api_key, client=client,
                          request_timeout=request_timeout, **options)
-        self.token_storage = token_storage
         if token_storage is not None:
             self._ctx.tokens = _StoredTokenSource(token_storage)
 
-    def _setup(self) -> None:
+    @property
+    def token_storage(self) -> Optional[TokenStorage]:
+        """The storage tokens are saved to, if any."""
         tokens = self._ctx.tokens
-        self.token_storage = tokens.storage if isinstance(tokens, _StoredTokenSource) else None
+        return tokens.storage if isinstance(tokens, _StoredTokenSource) else None
 
     def request_nonce(self, *, wallet_address: str, chain: Optional[str] = None) -> NonceResponse:
         """Ask for a message to sign with ``wallet_address`` (step 1 of wallet sign-in)."""
-        body: Dict[str, Any] = {"wallet_address": wallet_address}
-        if chain:
-            body["chain"] = chain
-        reply = self._call("POST", "/api/auth/nonce", auth=_KEY, body=body)
-        return reply.parse(NonceResponse, reply.data())
+        return self._post("/nonce", {"wallet_address": wallet_address, **_pick(chain=chain or None)}
+                          ).model(NonceResponse)
 
-    def verify_wallet(
-        self, *, wallet_address: str, signature: str, message: str, chain: Optional[str] = None
-    ) -> TokenPair:
+    def verify_wallet(self, *, wallet_address: str, signature: str, message: str,
+                      chain: Optional[str] = None) -> TokenPair:
         """Sign in with a wallet signature of the nonce message; stores the tokens."""
-        body: Dict[str, Any] = {
+        return self._token_pair(self._post("/wallet-sign-in", {
             "wallet_address": wallet_address, "signature": signature, "message": message,
-        }
-        if chain:
-            body["chain_type"] = chain
-        return self._token_pair(self._call("POST", "/api/auth/wallet-sign-in", auth=_KEY,
-                                           body=body))
+            **_pick(chain_type=chain or None)}))
 
     def sign_in_with_password(self, *, email: str, password: str) -> TokenPair:
         """Sign in with email and password; stores the tokens.
@@ -3534,8 +3248,7 @@ class AuthClient(_Service):
         Raises ``MfaRequiredError`` when the account has a second factor: finish with
         ``verify_mfa``.
         """
-        reply = self._call("POST", "/api/auth/login", auth=_KEY,
-                           body={"email": email, "password": password})
+        reply = self._post("/login", {"email": email, "password": password})
         data = reply.data()
         if data.get("mfa_required") is True or ("challenge_id" in data
                                                  and "access_token" not in data):
@@ -3548,10 +3261,9 @@ class AuthClient(_Service):
                 "auth.verify_mfa(challenge_id=..., challenge=..., code=...)",
                 challenge_id=challenge_id, challenge=challenge,
                 methods=[str(m) for m in methods] if isinstance(methods, list) else None,
-                expires_at=data.get("expires_at") if isinstance(data.get("expires_at"), str)
-                else None,
-                status_code=reply.result.status, response=reply.result.public,
-                request_id=_request_id(reply.result, reply.body))
+                expires_at=_first_text(data.get("expires_at")),
+                status_code=reply.response.status_code, response=reply.response.redacted(),
+                request_id=_request_id(reply.response, reply.body))
         return self._token_pair(reply)
 
     def verify_mfa(self, *, challenge_id: str, challenge: str, code: Optional[str] = None,
@@ -3560,77 +3272,60 @@ class AuthClient(_Service):
         tokens (``recovery_codes_remaining`` says how many recovery codes are left)."""
         if (code is None) == (recovery_code is None):
             raise ValueError("verify_mfa needs exactly one of code= or recovery_code=")
-        body = {"challenge_id": challenge_id, "challenge": challenge,
-                **_pick(code=code, recovery_code=recovery_code)}
-        return self._token_pair(self._call("POST", "/api/auth/mfa/verify", auth=_KEY,
-                                           body=body))
+        return self._token_pair(self._post("/mfa/verify", {
+            "challenge_id": challenge_id, "challenge": challenge,
+            **_pick(code=code, recovery_code=recovery_code)}))
 
     def enroll_totp(self, *, access_token: Optional[str] = None) -> TotpEnrollment:
         """Start TOTP for the signed-in user: a secret for an authenticator app. Nothing
         changes until ``activate_totp`` confirms a code from that app."""
-        reply = self._call("POST", "/api/auth/mfa/totp/enroll", token=access_token, body={})
-        return reply.parse(TotpEnrollment, reply.data())
+        return self._post("/mfa/totp/enroll", {}, auth=_BEARER, token=access_token
+                          ).model(TotpEnrollment)
 
     def activate_totp(self, *, code: str, access_token: Optional[str] = None
                       ) -> TotpActivation:
         """Switch TOTP on with a current ``code``; returns the one-time recovery codes."""
-        reply = self._call("POST", "/api/auth/mfa/totp/activate", token=access_token,
-                           body={"code": code})
-        return reply.parse(TotpActivation, reply.data())
+        return self._post("/mfa/totp/activate", {"code": code}, auth=_BEARER,
+                          token=access_token).model(TotpActivation)
 
     def disable_totp(self, *, code: str, access_token: Optional[str] = None
                      ) -> MessageResponse:
         """Switch TOTP off; ``code`` is a current TOTP code or a recovery code."""
-        reply = self._call("POST", "/api/auth/mfa/totp/disable", token=access_token,
-                           body={"code": code})
-        return reply.parse(MessageResponse, {"message": reply.first_text(
-            reply.data().get("message")) or "TOTP disabled"})
+        reply = self._post("/mfa/totp/disable", {"code": code}, auth=_BEARER,
+                           token=access_token)
+        return MessageResponse(_first_text(reply.data().get("message")) or "TOTP disabled")
 
     def get_auth_methods(self) -> AuthMethods:
         """The sign-in methods the application offers (API key only)."""
-        reply = self._call("GET", "/api/auth/methods", auth=_KEY)
-        return reply.parse(AuthMethods, reply.data())
+        return self._call("GET", self.AUTH_PREFIX + "/methods", auth=_KEY).model(AuthMethods)
 
     def get_session_context(self, *, access_token: Optional[str] = None) -> SessionContext:
         """The signed-in user with their entitlements, wallets, tier and MFA state."""
-        reply = self._call("GET", "/api/auth/session-context", token=access_token)
-        return reply.parse(SessionContext, reply.data())
+        return self._call("GET", self.AUTH_PREFIX + "/session-context", token=access_token
+                          ).model(SessionContext)
 
     def refresh_tokens(self, *, refresh_token: str) -> TokenPair:
         """Exchange a refresh token for a new pair (the old refresh token stops working)."""
-        return self._token_pair(self._call(
-            "POST", "/api/auth/refresh", auth=_KEY, body={"refresh_token": refresh_token}
-        ))
+        return self._token_pair(self._post("/refresh", {"refresh_token": refresh_token}))
 
-    def register(
-        self,
-        *,
-        email: str,
-        password: str,
-        username: Optional[str] = None,
-        phone_number: Optional[str] = None,
-        referral_click_id: Optional[str] = None,
-        ref: Optional[str] = None,
-    ) -> RegistrationResponse:
+    def register(self, *, email: str, password: str, username: Optional[str] = None,
+                 phone_number: Optional[str] = None, referral_click_id: Optional[str] = None,
+                 ref: Optional[str] = None) -> RegistrationResponse:
         """Create an account; stores tokens when the server signs the user in at once."""
-        body = {"email": email, "password": password, **_pick(
-            username=username, phone_number=phone_number, referral_click_id=referral_click_id,
-            ref=ref,
-        )}
-        return self._user_and_tokens(
-            self._call("POST", "/api/auth/register", auth=_KEY, body=body), RegistrationResponse
-        )
+        return self._user_and_tokens(self._post("/register", {
+            "email": email, "password": password, **_pick(
+                username=username, phone_number=phone_number,
+                referral_click_id=referral_click_id, ref=ref)}), RegistrationResponse)
 
     def send_magic_link(self, *, email: str) -> MagicLinkSendResponse:
         """Email a one-time sign-in link to ``email``."""
-        reply = self._call("POST", "/api/auth/magic-link", auth=_KEY, body={"email": email})
-        return self._message_with_data(reply, MagicLinkSendResponse, "Magic link sent")
+        return self._confirmation(self._post("/magic-link", {"email": email}),
+                                  MagicLinkSendResponse, "Magic link sent")
 
     def verify_magic_link(self, *, token: str, type: str = "magiclink") -> MagicLinkAuthResponse:
         """Sign in with the token from a magic link; stores the tokens."""
-        reply = self._call("POST", "/api/auth/verify-magic-link", auth=_KEY,
-                           body={"token": token, "type": type})
-        return self._user_and_tokens(reply, MagicLinkAuthResponse)
+        return self._user_and_tokens(self._post("/verify-magic-link", {
+            "token": token, "type": type}), MagicLinkAuthResponse)
 
     def logout(self, *, access_token: Optional[str] = None,
                refresh_token: Optional[str] = None) -> MessageResponse:
@@ -3647,37 +3342,32 @@ class AuthClient(_Service):
             raise ValueError("logout needs an access token: none was given or stored")
         if refresh_token is None and stored is not None and stored.access_token == access_token:
             refresh_token = stored.refresh_token
-        reply = self._call("POST", "/api/auth/logout", token=access_token,
-                           body={"refresh_token": refresh_token} if refresh_token else _NO_BODY)
+        reply = self._post("/logout", {"refresh_token": refresh_token} if refresh_token
+                           else _NO_BODY, auth=_BEARER, token=access_token)
         data = reply.body.get("data")
-        message = reply.first_text(
-            data.get("message") if isinstance(data, dict) else None, reply.body.get("message")
-        ) or "Logged out"
+        message = _first_text(data.get("message") if isinstance(data, dict) else None,
+                              reply.body.get("message")) or "Logged out"
         self.clear_stored_tokens()
         return MessageResponse(message=message)
 
     def get_current_user(self, *, access_token: Optional[str] = None) -> UserProfile:
         """The signed-in user's profile."""
-        reply = self._call("GET", "/api/auth/user", token=access_token)
+        reply = self._call("GET", self.AUTH_PREFIX + "/user", token=access_token)
         data = reply.data()
         user = data.get("user") if isinstance(data.get("user"), dict) else reply.body.get("user")
         return reply.parse(UserProfile, user)
 
-    def request_password_reset(
-        self, *, email: str, redirect_url: Optional[str] = None
-    ) -> PasswordResetRequestResponse:
+    def request_password_reset(self, *, email: str, redirect_url: Optional[str] = None
+                               ) -> PasswordResetRequestResponse:
         """Email a password-reset link (answers the same whether or not the user exists)."""
-        reply = self._call("POST", "/api/auth/password-reset", auth=_KEY,
-                           body={"email": email, **_pick(redirect_url=redirect_url)})
-        return self._message_with_data(reply, PasswordResetRequestResponse,
-                                       "Password reset requested")
+        reply = self._post("/password-reset", {"email": email, **_pick(redirect_url=redirect_url)})
+        return self._confirmation(reply, PasswordResetRequestResponse, "Password reset requested")
 
     def confirm_password_reset(self, *, token: str, new_password: str) -> MessageResponse:
         """Set a new password with the token from a reset email."""
-        reply = self._call("POST", "/api/auth/reset-password-confirm", auth=_KEY,
-                           body={"token": token, "new_password": new_password})
-        return reply.parse(MessageResponse, {"message": reply.first_text(
-            reply.body.get("message"), reply.data().get("message")) or "Password changed"})
+        reply = self._post("/reset-password-confirm", {"token": token,
+                                                       "new_password": new_password})
+        return self._confirmation(reply, MessageResponse, "Password changed")
 
     def get_stored_tokens(self) -> Optional[StoredTokens]:
         """The stored tokens (``None`` without storage or tokens)."""
@@ -3690,13 +3380,15 @@ class AuthClient(_Service):
         if isinstance(tokens, _StoredTokenSource):
             tokens.clear()
 
-    def _store(self, access: str, refresh: Optional[str], expires_in: Optional[int],
-               token_type: Optional[str]) -> None:
-        tokens = self._ctx.tokens
-        if isinstance(tokens, _StoredTokenSource):
-            tokens.save(_tokens_from(access, refresh, expires_in, token_type))
-            if expires_in:
-                tokens.lifetime = float(expires_in)  # tells how early refreshing makes sense
+    def _post(self, path: str, body: Any, *, auth: str = _KEY, token: Optional[str] = None,
+              deadline: Optional[float] = None) -> _Reply:
+        return self._call("POST", self.AUTH_PREFIX + path, auth=auth, token=token, body=body,
+                          deadline=deadline)
+
+    def _refresh_within(self, refresh_token: str, deadline: float) -> None:
+        """``refresh_tokens`` as one step of a larger call that owns ``deadline``."""
+        self._token_pair(self._post("/refresh", {"refresh_token": refresh_token},
+                                    deadline=deadline))
 
     def _token_pair(self, reply: _Reply) -> TokenPair:
         data = reply.data()
@@ -3716,8 +3408,7 @@ class AuthClient(_Service):
         return reply.parse(model, {
             **{key: value for key, value in data.items() if key not in ("user", "tokens")},
             "user": user, "tokens": tokens if isinstance(tokens, dict) else None,
-            "message": reply.first_text(body.get("message"), data.get("message")),
-        })
+            "message": _first_text(body.get("message"), data.get("message"))})
 
     def _store_issued(self, reply: _Reply, tokens: Mapping[str, Any], token_type: Any) -> None:
         """Store the tokens of a reply before anything else can fail.
@@ -3728,22 +3419,24 @@ class AuthClient(_Service):
         access = tokens.get("access_token")
         if not isinstance(access, str) or not access:
             raise reply.invalid("the reply carries no access_token")
-        refresh = tokens.get("refresh_token")
         try:
             expires_in: Optional[int] = _to_int(tokens.get("expires_in"))
         except ValueError:
             expires_in = None
-        self._store(access, refresh if isinstance(refresh, str) and refresh else None,
-                    expires_in, token_type if isinstance(token_type, str) else "Bearer")
+        source = self._ctx.tokens
+        if isinstance(source, _StoredTokenSource):
+            source.save(_tokens_from(access, _first_text(tokens.get("refresh_token")),
+                                     expires_in, _first_text(token_type) or "Bearer"))
+            if expires_in:
+                source.lifetime = float(expires_in)  # tells how early refreshing makes sense
 
-    def _message_with_data(self, reply: _Reply, model: Type[_M], default: str) -> _M:
+    @staticmethod
+    def _confirmation(reply: _Reply, model: Type[_M], default: str) -> _M:
         """A confirmation: ``default`` stands in when the server says nothing (SPAPS 0.6
         answers a password-reset request with ``{email, sent_at}`` only)."""
         data = reply.data()
-        return reply.parse(model, {
-            **data, "message": reply.first_text(reply.body.get("message"), data.get("message"))
-            or default,
-        })
+        return reply.parse(model, {**data, "message": _first_text(
+            reply.body.get("message"), data.get("message")) or default})
 
 
 class SessionsClient(_Service):
@@ -3756,43 +3449,34 @@ class SessionsClient(_Service):
     def get_current_session(self, *, access_token_override: Optional[str] = None
                             ) -> SessionSummary:
         """The session behind the access token."""
-        reply = self._call("GET", "/api/sessions/current", token=access_token_override)
-        return reply.parse(SessionSummary, _unwrap(reply.data(), "session"))
+        return self._call("GET", self.SESSIONS_PREFIX + "/current", token=access_token_override
+                          ).model(SessionSummary, "session")
 
     def validate_session(self, *, access_token_override: Optional[str] = None
                          ) -> SessionValidationResult:
         """Whether the session is still valid."""
-        reply = self._call("POST", "/api/sessions/validate", token=access_token_override,
-                           body={})
+        reply = self._call("POST", self.SESSIONS_PREFIX + "/validate",
+                           token=access_token_override, body={})
         data = reply.data()
-        # SPAPS answers {valid, reason, session{id, expires_at, ...}}; older fixtures
-        # nest everything under "session".
+        # SPAPS answers {valid, reason, session{id, expires_at, ...}}; older servers nest
+        # everything under "session".
         if "valid" not in data:
-            return reply.parse(SessionValidationResult, _unwrap(data, "session"))
+            return reply.model(SessionValidationResult, "session")
         session = _object_at(data, "session")
         return reply.parse(SessionValidationResult, {
             "session_id": session.get("id") or session.get("session_id"),
-            "expires_at": session.get("expires_at"), **data,
-        })
+            "expires_at": session.get("expires_at"), **data})
 
-    def list_sessions(
-        self,
-        *,
-        limit: Optional[int] = None,
-        starting_after: Optional[str] = None,
-        offset: Optional[int] = None,
-        access_token_override: Optional[str] = None,
-    ) -> SessionListResult:
+    def list_sessions(self, *, limit: Optional[int] = None, starting_after: Optional[str] = None,
+                      offset: Optional[int] = None, access_token_override: Optional[str] = None
+                      ) -> SessionListResult:
         """The user's sessions, ``limit`` at a time, from ``offset`` (or after session
         ``starting_after``, for servers that page by cursor)."""
-        query = [("limit", str(limit))] if limit is not None else []
-        if offset is not None:
-            query.append(("offset", str(offset)))
-        if starting_after:
-            query.append(("starting_after", starting_after))
         # The collection lives at "/api/sessions/"; without the slash SPAPS answers 307.
-        reply = self._call("GET", "/api/sessions/", token=access_token_override, query=query)
-        return reply.parse(SessionListResult, reply.data())
+        return self._call("GET", self.SESSIONS_PREFIX + "/", token=access_token_override,
+                          query=_query(limit=limit, offset=offset,
+                                       starting_after=starting_after or None)
+                          ).model(SessionListResult)
 
     def touch_session(self, *, access_token_override: Optional[str] = None
                       ) -> SessionTouchResult:
@@ -3803,22 +3487,15 @@ class SessionsClient(_Service):
         access token expires (``get_current_session`` and ``validate_session`` do not
         spend it).
         """
-        reply = self._call("POST", "/api/sessions/touch", token=access_token_override, body={})
-        return reply.parse(SessionTouchResult, reply.data())
+        return self._call("POST", self.SESSIONS_PREFIX + "/touch", token=access_token_override,
+                          body={}).model(SessionTouchResult)
 
     def revoke_session(self, session_id: str, *, access_token_override: Optional[str] = None
                        ) -> SessionRevokeResult:
-        """End session ``session_id``; its tokens stop working."""
-        path = "/api/sessions/" + _segment(session_id, "session_id")
-        reply = self._call("DELETE", path, token=access_token_override)
-        # SPAPS answers 204 with no body.
-        return reply.parse(SessionRevokeResult, {"message": "Session revoked",
-                                                 "session_id": session_id, **reply.data()})
-
-
-def _unwrap(payload: Dict[str, Any], key: str) -> Dict[str, Any]:
-    inner = payload.get(key)
-    return inner if isinstance(inner, dict) else payload
+        """End session ``session_id``; its tokens stop working (SPAPS answers 204)."""
+        return self._call("DELETE", self.SESSIONS_PREFIX + "/" + _segment(
+            session_id, "session_id"), token=access_token_override).model(
+            SessionRevokeResult, message="Session revoked", session_id=session_id)
 
 
 def _object_at(payload: Mapping[str, Any], key: str) -> Dict[str, Any]:
@@ -3853,84 +3530,55 @@ class CryptoPaymentsClient(_Service):
 
     def _send(self, method: str, url: str, auth: str, token: Optional[str],
               payload: Optional[bytes], extra: Optional[Dict[str, str]],
-              idempotency_key: Optional[str]) -> _Result:
+              idempotency_key: Optional[str], deadline: float) -> HttpResponse:
         if self._header_builder is None:
-            return super()._send(method, url, auth, token, payload, extra, idempotency_key)
-        headers = dict(self._header_builder(token))
-        headers.update(extra or {})
-        return super()._send(method, url, _NONE, None, payload, headers, idempotency_key)
+            return super()._send(method, url, auth, token, payload, extra, idempotency_key,
+                                 deadline)
+        headers = {**self._header_builder(token), **(extra or {})}
+        return super()._send(method, url, _NONE, None, payload, headers, idempotency_key,
+                             deadline)
 
     def _call(self, method: str, path: str, **kwargs: Any) -> _Reply:
         if self._header_builder is not None:
-            kwargs["auth"] = _NONE
+            kwargs["auth"] = _NONE  # the builder decides every header
         return super()._call(method, path, **kwargs)
 
     def create_invoice(
-        self,
-        *,
-        asset: str,
-        network: str,
-        amount: Union[str, int, float],
-        expires_in_seconds: Optional[int] = None,
-        beneficiary: Optional[Dict[str, Any]] = None,
-        metadata: Optional[Dict[str, Any]] = None,
-        idempotency_key: Optional[str] = None,
+        self, *, asset: str, network: str, amount: Union[str, int, float],
+        expires_in_seconds: Optional[int] = None, beneficiary: Optional[Dict[str, Any]] = None,
+        metadata: Optional[Dict[str, Any]] = None, idempotency_key: Optional[str] = None,
         access_token_override: Optional[str] = None,
     ) -> CryptoInvoice:
         """Create an invoice for ``amount`` (sent as a decimal string) of ``asset``."""
         body = {"asset": asset, "network": network, "amount": _decimal_text(amount), **_pick(
-            expires_in_seconds=expires_in_seconds, beneficiary=beneficiary, metadata=metadata,
-        )}
-        reply = self._call("POST", self.CRYPTO_PREFIX + "/invoices", body=body,
-                           token=access_token_override, idempotency_key=idempotency_key)
-        return reply.parse(CryptoInvoice, _unwrap(reply.data(), "invoice"))
+            expires_in_seconds=expires_in_seconds, beneficiary=beneficiary, metadata=metadata)}
+        return self._call("POST", self.CRYPTO_PREFIX + "/invoices", body=body,
+                          token=access_token_override, idempotency_key=idempotency_key
+                          ).model(CryptoInvoice, "invoice")
 
     def get_invoice(self, invoice_id: str, *, access_token_override: Optional[str] = None
                     ) -> CryptoInvoice:
         """Invoice ``invoice_id``."""
-        reply = self._call("GET", self._invoice_path(invoice_id, include_prefix=True),
-                           token=access_token_override)
-        return reply.parse(CryptoInvoice, _unwrap(reply.data(), "invoice"))
+        return self._call("GET", self._invoice_path(invoice_id, include_prefix=True),
+                          token=access_token_override).model(CryptoInvoice, "invoice")
 
     def get_invoice_status(self, invoice_id: str, *, access_token_override: Optional[str] = None
                            ) -> CryptoInvoiceStatus:
         """The settlement status of invoice ``invoice_id``."""
-        path = self._invoice_path(invoice_id, include_prefix=True) + "/status"
-        reply = self._call("GET", path, token=access_token_override)
-        return reply.parse(CryptoInvoiceStatus, reply.data())
+        return self._call("GET", self._invoice_path(invoice_id, include_prefix=True) + "/status",
+                          token=access_token_override).model(CryptoInvoiceStatus)
 
-    def reconcile(
-        self,
-        *,
-        recon_token: Optional[str] = None,
-        cursor: Optional[Any] = None,
-        access_token_override: Optional[str] = None,
-    ) -> CryptoReconcileJob:
-        """Schedule a reconciliation from ``cursor``; ``recon_token`` goes in ``X-Recon-Token``."""
-        headers = {"X-Recon-Token": recon_token} if recon_token else None
-        body = {"cursor": cursor} if cursor is not None else {}
-        reply = self._call("POST", self.CRYPTO_PREFIX + "/reconcile", body=body,
-                           headers=headers, token=access_token_override)
-        return reply.parse(CryptoReconcileJob, reply.data())
-
-
-def _subscription(reply: _Reply, subscription_id: str) -> SubscriptionDetail:
-    """A subscription reply, keeping the id asked for when the reply names none."""
-    return reply.parse(SubscriptionDetail, {"subscription_id": subscription_id,
-                                            **_unwrap(reply.data(), "subscription")})
-
-
-def _paging(**filters: Any) -> List[Tuple[str, str]]:
-    """Query pairs for the filters that are set; booleans as ``true``/``false``."""
-    return [(key, ("true" if value else "false") if isinstance(value, bool) else str(value))
-            for key, value in filters.items() if value is not None]
+    def reconcile(self, *, recon_token: Optional[str] = None, cursor: Optional[Any] = None,
+                  access_token_override: Optional[str] = None) -> CryptoReconcileJob:
+        """Reconcile invoices from ``cursor``; ``recon_token`` goes in ``X-Recon-Token``."""
+        return self._call("POST", self.CRYPTO_PREFIX + "/reconcile",
+                          body={"cursor": cursor} if cursor is not None else {},
+                          headers={"X-Recon-Token": recon_token} if recon_token else None,
+                          token=access_token_override).model(CryptoReconcileJob)
 
 
 def _token_subject(token: Optional[str]) -> Optional[str]:
     """The ``sub`` claim of a JWT, or ``None`` when ``token`` is not one."""
-    import base64
-    import json
-
     parts = (token or "").split(".")
     if len(parts) != 3:
         return None
@@ -3938,22 +3586,22 @@ def _token_subject(token: Optional[str]) -> Optional[str]:
         claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
     except ValueError:  # binascii.Error, invalid UTF-8 and invalid JSON are all ValueErrors
         return None
-    subject = claims.get("sub") if isinstance(claims, dict) else None
-    return subject if isinstance(subject, str) and subject else None
+    return _first_text(claims.get("sub")) if isinstance(claims, dict) else None
 
 
 def _decimal_text(amount: Union[str, int, float]) -> str:
     if isinstance(amount, bool) or not isinstance(amount, (str, int, float)):
         raise TypeError(f"amount must be a decimal string or number, got {type(amount).__name__}")
     if isinstance(amount, float):
-        from decimal import Decimal
+        from decimal import Decimal  # floats are the rare case; strings are the rule
 
         return format(Decimal(repr(amount)), "f")  # never exponent notation such as 1e-07
     return str(amount)
 
 
 class PaymentsClient(_Service):
-    """Stripe checkouts, balance, payment intents, wallet deposits, subscriptions.
+    """Stripe checkouts, subscriptions, products, portal and history; crypto invoices in
+    ``crypto``.
 
     Mutating calls accept ``idempotency_key``: the server then applies the
     request once however often it arrives, and the client may retry it safely.
@@ -3969,16 +3617,9 @@ class PaymentsClient(_Service):
         self.crypto._ctx = self._ctx  # one token for both: assigning access_token updates both
 
     def create_checkout_session(
-        self,
-        *,
-        price_id: str,
-        mode: str,
-        success_url: str,
-        cancel_url: str,
-        metadata: Optional[Dict[str, Any]] = None,
-        require_legal_consent: Optional[bool] = None,
-        legal_consent_text: Optional[str] = None,
-        idempotency_key: Optional[str] = None,
+        self, *, price_id: str, mode: str, success_url: str, cancel_url: str,
+        metadata: Optional[Dict[str, Any]] = None, require_legal_consent: Optional[bool] = None,
+        legal_consent_text: Optional[str] = None, idempotency_key: Optional[str] = None,
         access_token_override: Optional[str] = None,
     ) -> CheckoutSession:
         """Start a Stripe checkout of one ``price_id``; send the user to ``checkout_url``.
@@ -3988,197 +3629,157 @@ class PaymentsClient(_Service):
         ``legal_consent_text`` are sent in ``metadata``, where SPAPS keeps them with the
         session.
         """
-        body: Dict[str, Any] = {"mode": mode, "line_items": [{"price_id": price_id,
-                                                              "quantity": 1}],
-                                "success_url": success_url, "cancel_url": cancel_url}
-        tags = {**(metadata or {})}
+        tags = {**(metadata or {}), **_pick(legal_consent_text=legal_consent_text or None)}
         if require_legal_consent is not None:
             tags["require_legal_consent"] = "true" if require_legal_consent else "false"
-        if legal_consent_text:
-            tags["legal_consent_text"] = legal_consent_text
-        if tags:
-            body["metadata"] = tags
-        reply = self._call("POST", "/api/stripe/checkout-sessions", body=body,
-                           token=access_token_override, idempotency_key=idempotency_key,
-                           headers={"Idempotency-Key": idempotency_key} if idempotency_key
-                           else None)
-        return reply.parse(CheckoutSession, _unwrap(reply.data(), "session"))
+        body = {"mode": mode, "line_items": [{"price_id": price_id, "quantity": 1}],
+                "success_url": success_url, "cancel_url": cancel_url,
+                **_pick(metadata=tags or None)}
+        return self._call("POST", "/api/stripe/checkout-sessions", body=body,
+                          token=access_token_override, idempotency_key=idempotency_key,
+                          headers={"Idempotency-Key": idempotency_key} if idempotency_key
+                          else None).model(CheckoutSession, "session")
 
     def get_balance(self, *, access_token_override: Optional[str] = None) -> BalanceOverview:
         """The user's balance, tier and usage."""
-        reply = self._stub("GET", "/api/payments/balance", access_token_override,
-                           instead="payments are listed at GET /api/stripe/history")
-        return reply.parse(BalanceOverview, reply.data())
+        return self._stub("GET", "/balance", access_token_override,
+                          instead="payments are listed at GET /api/stripe/history"
+                          ).model(BalanceOverview)
 
     def create_payment_intent(
-        self,
-        *,
-        amount: int,
-        currency: str,
-        payment_method_types: Optional[List[str]] = None,
-        metadata: Optional[Dict[str, Any]] = None,
-        idempotency_key: Optional[str] = None,
+        self, *, amount: int, currency: str, payment_method_types: Optional[List[str]] = None,
+        metadata: Optional[Dict[str, Any]] = None, idempotency_key: Optional[str] = None,
         access_token_override: Optional[str] = None,
     ) -> PaymentIntent:
         """Create a payment intent for ``amount`` minor units (cents) of ``currency``."""
-        body: Dict[str, Any] = {"amount": amount, "currency": currency,
-                                **_pick(payment_method_types=payment_method_types)}
-        if metadata:
-            body["metadata"] = metadata
-        reply = self._stub("POST", "/api/payments/create-payment-intent", access_token_override,
-                           instead="use create_checkout_session()", body=body,
-                           idempotency_key=idempotency_key)
-        return reply.parse(PaymentIntent, reply.data())
+        body = {"amount": amount, "currency": currency, **_pick(
+            payment_method_types=payment_method_types, metadata=metadata or None)}
+        return self._stub("POST", "/create-payment-intent", access_token_override,
+                          instead="use create_checkout_session()", body=body,
+                          idempotency_key=idempotency_key).model(PaymentIntent)
 
-    def update_payment_method(
-        self,
-        *,
-        payment_method_id: str,
-        set_default: Optional[bool] = None,
-        access_token_override: Optional[str] = None,
-    ) -> PaymentMethodUpdateResult:
+    def update_payment_method(self, *, payment_method_id: str, set_default: Optional[bool] = None,
+                              access_token_override: Optional[str] = None
+                              ) -> PaymentMethodUpdateResult:
         """Attach payment method ``payment_method_id``, optionally as the default."""
         if not payment_method_id:
             raise ValueError("payment_method_id must not be empty")
         body = {"payment_method_id": payment_method_id, **_pick(set_default=set_default)}
-        reply = self._stub("POST", "/api/payments/update-payment-method", access_token_override,
-                           instead="send the user to the Stripe billing portal "
-                           "(POST /api/stripe/portal-session)", body=body)
-        return reply.parse(PaymentMethodUpdateResult, reply.data())
+        return self._stub("POST", "/update-payment-method", access_token_override,
+                          instead="send the user to the Stripe billing portal "
+                          "(POST /api/stripe/portal-session)", body=body
+                          ).model(PaymentMethodUpdateResult)
 
     def wallet_deposit(
-        self,
-        *,
-        wallet_address: str,
-        chain_type: str,
-        transaction_id: str,
-        amount: float,
-        currency: str,
-        tier: Optional[str] = None,
-        idempotency_key: Optional[str] = None,
+        self, *, wallet_address: str, chain_type: str, transaction_id: str, amount: float,
+        currency: str, tier: Optional[str] = None, idempotency_key: Optional[str] = None,
         access_token_override: Optional[str] = None,
     ) -> WalletDeposit:
         """Record an on-chain deposit ``transaction_id`` to the user's balance."""
-        body: Dict[str, Any] = {
-            "wallet_address": wallet_address, "chain_type": chain_type,
-            "transaction_id": transaction_id, "amount": float(amount), "currency": currency,
-        }
-        if tier:
-            body["tier"] = tier
-        reply = self._stub("POST", "/api/payments/wallet-deposit", access_token_override,
-                           instead="take crypto payments with payments.crypto.create_invoice()",
-                           body=body, idempotency_key=idempotency_key)
-        return reply.parse(WalletDeposit, reply.data())
+        body = {"wallet_address": wallet_address, "chain_type": chain_type,
+                "transaction_id": transaction_id, "amount": float(amount), "currency": currency,
+                **_pick(tier=tier or None)}
+        return self._stub("POST", "/wallet-deposit", access_token_override, body=body,
+                          instead="take crypto payments with payments.crypto.create_invoice()",
+                          idempotency_key=idempotency_key).model(WalletDeposit)
 
     def get_wallet_transaction(self, *, transaction_id: str,
                                access_token_override: Optional[str] = None) -> WalletTransaction:
         """Wallet transaction ``transaction_id``."""
-        path = "/api/payments/wallet-transaction/" + _segment(transaction_id, "transaction_id")
-        reply = self._stub("GET", path, access_token_override,
-                           instead="follow crypto payments with "
-                           "payments.crypto.get_invoice_status()")
-        return reply.parse(WalletTransaction, reply.data())
+        return self._stub("GET", "/wallet-transaction/" + _segment(
+            transaction_id, "transaction_id"), access_token_override,
+            instead="follow crypto payments with payments.crypto.get_invoice_status()"
+        ).model(WalletTransaction)
 
     def get_subscription(self, subscription_id: str, *,
                          access_token_override: Optional[str] = None) -> SubscriptionDetail:
-        """Subscription ``subscription_id`` (``GET /api/stripe/subscription/{id}``)."""
-        path = "/api/stripe/subscription/" + _segment(subscription_id, "subscription_id")
-        reply = self._call("GET", path, token=access_token_override)
-        return _subscription(reply, subscription_id)
+        """Subscription ``subscription_id``."""
+        return self._call("GET", _subscription_path(subscription_id),
+                          token=access_token_override).model(
+            SubscriptionDetail, "subscription", subscription_id=subscription_id)
 
-    def cancel_subscription(
-        self,
-        subscription_id: str,
-        *,
-        cancel_at_period_end: Optional[bool] = None,
-        immediately: Optional[bool] = None,
-        access_token_override: Optional[str] = None,
-    ) -> SubscriptionCancellation:
+    def cancel_subscription(self, subscription_id: str, *,
+                            cancel_at_period_end: Optional[bool] = None,
+                            immediately: Optional[bool] = None,
+                            access_token_override: Optional[str] = None
+                            ) -> SubscriptionCancellation:
         """Cancel a subscription at the end of the period (the default) or at once
         (``immediately=True``, or the reference client's ``cancel_at_period_end=False``)."""
         if immediately is None:
             immediately = cancel_at_period_end is False
         elif cancel_at_period_end is not None and cancel_at_period_end == immediately:
             raise ValueError("cancel_at_period_end and immediately contradict each other")
-        path = ("/api/stripe/subscription/" + _segment(subscription_id, "subscription_id")
-                + "/cancel")
-        reply = self._call("POST", path, body={"immediately": immediately},
-                           token=access_token_override)
-        return reply.parse(SubscriptionCancellation, {"subscription_id": subscription_id,
-                                                      **_unwrap(reply.data(), "subscription")})
+        return self._call("POST", _subscription_path(subscription_id) + "/cancel",
+                          body={"immediately": immediately}, token=access_token_override
+                          ).model(SubscriptionCancellation, "subscription",
+                                  subscription_id=subscription_id)
 
     def update_subscription(self, subscription_id: str, *, price_id: str,
                             access_token_override: Optional[str] = None) -> SubscriptionDetail:
         """Move subscription ``subscription_id`` to price ``price_id``."""
-        path = ("/api/stripe/subscription/" + _segment(subscription_id, "subscription_id")
-                + "/update")
-        reply = self._call("POST", path, body={"price_id": price_id},
-                           token=access_token_override)
-        return _subscription(reply, subscription_id)
+        return self._call("POST", _subscription_path(subscription_id) + "/update",
+                          body={"price_id": price_id}, token=access_token_override).model(
+            SubscriptionDetail, "subscription", subscription_id=subscription_id)
 
     def list_subscriptions(self, *, status: Optional[str] = None, limit: Optional[int] = None,
                            offset: Optional[int] = None,
                            access_token_override: Optional[str] = None) -> SubscriptionList:
         """The user's subscriptions, optionally only those in ``status``."""
-        reply = self._call("GET", "/api/stripe/subscriptions", token=access_token_override,
-                           query=_paging(status=status, limit=limit, offset=offset))
-        return reply.parse(SubscriptionList, reply.data())
+        return self._call("GET", "/api/stripe/subscriptions", token=access_token_override,
+                          query=_query(status=status, limit=limit, offset=offset)
+                          ).model(SubscriptionList)
 
     def list_products(self, *, category: Optional[str] = None, active: Optional[bool] = None,
                       limit: Optional[int] = None, offset: Optional[int] = None,
                       access_token_override: Optional[str] = None) -> ProductList:
         """The application's products and their default prices."""
-        reply = self._call("GET", "/api/stripe/products", token=access_token_override,
-                           query=_paging(category=category, active=active, limit=limit,
-                                         offset=offset))
-        return reply.parse(ProductList, reply.data())
+        return self._call("GET", "/api/stripe/products", token=access_token_override,
+                          query=_query(category=category, active=active, limit=limit,
+                                       offset=offset)).model(ProductList)
 
     def get_product(self, product_id: str, *, access_token_override: Optional[str] = None
                     ) -> Product:
         """Product ``product_id``."""
-        reply = self._call("GET", "/api/stripe/products/" + _segment(product_id, "product_id"),
-                           token=access_token_override)
-        return reply.parse(Product, _unwrap(reply.data(), "product"))
+        return self._call("GET", "/api/stripe/products/" + _segment(product_id, "product_id"),
+                          token=access_token_override).model(Product, "product")
 
     def list_checkout_sessions(self, *, limit: Optional[int] = None,
                                offset: Optional[int] = None,
                                access_token_override: Optional[str] = None
                                ) -> CheckoutSessionList:
         """The user's checkout sessions, newest first."""
-        reply = self._call("GET", "/api/stripe/checkout-sessions", token=access_token_override,
-                           query=_paging(limit=limit, offset=offset))
-        return reply.parse(CheckoutSessionList, reply.data())
+        return self._call("GET", "/api/stripe/checkout-sessions", token=access_token_override,
+                          query=_query(limit=limit, offset=offset)).model(CheckoutSessionList)
 
     def get_checkout_session(self, session_id: str, *,
                              access_token_override: Optional[str] = None) -> CheckoutSession:
         """Checkout session ``session_id`` and its payment status."""
-        path = "/api/stripe/checkout-sessions/" + _segment(session_id, "session_id")
-        reply = self._call("GET", path, token=access_token_override)
-        return reply.parse(CheckoutSession, _unwrap(reply.data(), "session"))
+        return self._call("GET", "/api/stripe/checkout-sessions/" + _segment(
+            session_id, "session_id"), token=access_token_override).model(
+            CheckoutSession, "session")
 
     def expire_checkout_session(self, session_id: str, *,
                                 access_token_override: Optional[str] = None
                                 ) -> CheckoutSession:
         """End checkout session ``session_id`` before the user pays."""
-        path = "/api/stripe/checkout-sessions/" + _segment(session_id, "session_id") + "/expire"
-        reply = self._call("POST", path, token=access_token_override, body={})
-        return reply.parse(CheckoutSession, {"session_id": session_id,
-                                             **_unwrap(reply.data(), "session")})
+        return self._call("POST", "/api/stripe/checkout-sessions/" + _segment(
+            session_id, "session_id") + "/expire", token=access_token_override, body={}
+        ).model(CheckoutSession, "session", session_id=session_id)
 
     def create_portal_session(self, *, return_url: str,
                               access_token_override: Optional[str] = None) -> PortalSession:
         """A Stripe billing-portal session where the user manages cards and invoices."""
-        reply = self._call("POST", "/api/stripe/portal-session", token=access_token_override,
-                           body={"return_url": return_url})
-        return reply.parse(PortalSession, {"return_url": return_url, **reply.data()})
+        return self._call("POST", "/api/stripe/portal-session", token=access_token_override,
+                          body={"return_url": return_url}).model(PortalSession,
+                                                                 return_url=return_url)
 
     def list_payment_history(self, *, status: Optional[str] = None, limit: Optional[int] = None,
                              offset: Optional[int] = None,
                              access_token_override: Optional[str] = None) -> PaymentHistory:
         """The user's payments, newest first."""
-        reply = self._call("GET", "/api/stripe/history", token=access_token_override,
-                           query=_paging(status=status, limit=limit, offset=offset))
-        return reply.parse(PaymentHistory, reply.data())
+        return self._call("GET", "/api/stripe/history", token=access_token_override,
+                          query=_query(status=status, limit=limit, offset=offset)
+                          ).model(PaymentHistory)
 
     def _stub(self, method: str, path: str, token: Optional[str], *, instead: str,
               **options: Any) -> _Reply:
@@ -4187,6 +3788,7 @@ class PaymentsClient(_Service):
         A server that implements it is still used; one that does not gets an error
         that says so and what to use instead, rather than "Feature not yet available".
         """
+        path = self.PAYMENTS_PREFIX + path
         try:
             return self._call(method, path, token=token, **options)
         except PaymentsError as exc:
@@ -4196,6 +3798,10 @@ class PaymentsClient(_Service):
                            f"(501 Not Implemented); {instead}")
             exc.args = (exc.message,)
             raise
+
+
+def _subscription_path(subscription_id: str) -> str:
+    return "/api/stripe/subscription/" + _segment(subscription_id, "subscription_id")
 
 
 class UsageClient(_Service):
@@ -4208,18 +3814,13 @@ class UsageClient(_Service):
     def get_features(self, *, access_token_override: Optional[str] = None
                      ) -> UsageFeaturesResponse:
         """The user's metered features and their usage."""
-        reply = self._call("GET", "/api/usage/features", token=access_token_override)
-        return reply.parse(UsageFeaturesResponse, reply.data())
+        return self._call("GET", self.USAGE_PREFIX + "/features", token=access_token_override
+                          ).model(UsageFeaturesResponse)
 
     def authorize_usage(
-        self,
-        *,
-        feature_key: str,
-        dimensions: Mapping[str, Union[int, float]],
-        resource_type: str = "user",
-        resource_id: Optional[str] = None,
-        subject_user_id: Optional[str] = None,
-        metadata: Optional[Dict[str, Any]] = None,
+        self, *, feature_key: str, dimensions: Mapping[str, Union[int, float]],
+        resource_type: str = "user", resource_id: Optional[str] = None,
+        subject_user_id: Optional[str] = None, metadata: Optional[Dict[str, Any]] = None,
         access_token_override: Optional[str] = None,
     ) -> UsageAuthorization:
         """Ask whether ``dimensions`` of ``feature_key`` may be used now (nothing is counted).
@@ -4229,47 +3830,30 @@ class UsageClient(_Service):
         """
         body = {"feature_key": feature_key, "resource_type": resource_type,
                 "dimensions": dict(dimensions), **_pick(
-                    resource_id=resource_id,
-                    subject_user_id=self._subject(resource_type, subject_user_id,
-                                                  access_token_override),
-                    metadata=metadata)}
-        reply = self._call("POST", "/api/usage/authorize", body=body,
-                           token=access_token_override)
-        return reply.parse(UsageAuthorization, reply.data())
+                    resource_id=resource_id, metadata=metadata, subject_user_id=self._subject(
+                        resource_type, subject_user_id, access_token_override))}
+        return self._call("POST", self.USAGE_PREFIX + "/authorize", body=body,
+                          token=access_token_override).model(UsageAuthorization)
 
     def get_usage_status(
-        self,
-        *,
-        feature_key: str,
-        resource_type: str = "user",
-        resource_id: Optional[str] = None,
-        subject_user_id: Optional[str] = None,
-        access_token_override: Optional[str] = None,
+        self, *, feature_key: str, resource_type: str = "user", resource_id: Optional[str] = None,
+        subject_user_id: Optional[str] = None, access_token_override: Optional[str] = None,
     ) -> UsageAuthorization:
         """Where ``feature_key`` stands now (decision, window totals, remaining), without
         authorizing anything: the result has no ``authorization_ref``."""
-        query = _paging(feature_key=feature_key, resource_type=resource_type,
-                        resource_id=resource_id,
-                        subject_user_id=self._subject(resource_type, subject_user_id,
-                                                      access_token_override))
-        reply = self._call("GET", "/api/usage/status", auth=_OPTIONAL_BEARER,
-                           token=access_token_override, query=query)
-        return reply.parse(UsageAuthorization, reply.data())
+        query = _query(feature_key=feature_key, resource_type=resource_type,
+                       resource_id=resource_id, subject_user_id=self._subject(
+                           resource_type, subject_user_id, access_token_override))
+        return self._call("GET", self.USAGE_PREFIX + "/status", auth=_OPTIONAL_BEARER,
+                          token=access_token_override, query=query).model(UsageAuthorization)
 
     def record_usage(
-        self,
-        *,
-        feature: str,
-        quantity: Optional[Union[int, float]] = None,
-        metadata: Optional[Dict[str, Any]] = None,
-        timestamp: Optional[str] = None,
-        idempotency_key: Optional[str] = None,
-        access_token_override: Optional[str] = None,
+        self, *, feature: str, quantity: Optional[Union[int, float]] = None,
+        metadata: Optional[Dict[str, Any]] = None, timestamp: Optional[str] = None,
+        idempotency_key: Optional[str] = None, access_token_override: Optional[str] = None,
         dimensions: Optional[Mapping[str, Union[int, float]]] = None,
-        authorization_ref: Optional[str] = None,
-        resource_type: str = "user",
-        resource_id: Optional[str] = None,
-        subject_user_id: Optional[str] = None,
+        authorization_ref: Optional[str] = None, resource_type: str = "user",
+        resource_id: Optional[str] = None, subject_user_id: Optional[str] = None,
     ) -> UsageRecordResult:
         """Count a use of ``feature``: ``quantity`` units, or several ``dimensions``.
 
@@ -4299,25 +3883,21 @@ class UsageClient(_Service):
                     error_code=reason.code if reason else "USAGE_NOT_AUTHORIZED",
                     retryable=False)
             authorization_ref = authorization.authorization_ref
-        if not idempotency_key:  # "" would make every later record a replay of the first
-            import uuid
-
-            idempotency_key = "spaps-" + uuid.uuid4().hex
+        # "" would make every later record a replay of the first
+        idempotency_key = idempotency_key or "spaps-" + os.urandom(16).hex()
         body = {"authorization_ref": authorization_ref, "idempotency_key": idempotency_key,
                 "feature_key": feature, "resource_type": resource_type,
                 "dimensions": dict(dimensions), **_pick(
-                    resource_id=resource_id,
+                    resource_id=resource_id, metadata=metadata, occurred_at=timestamp,
                     subject_user_id=self._subject(resource_type, subject_user_id,
-                                                  access_token_override),
-                    metadata=metadata, occurred_at=timestamp)}
+                                                  access_token_override))}
         reply = self._record(body, idempotency_key, access_token_override,
                              own_authorization=authorization is not None)
         data = reply.data()
-        totals = _object_at(data, "window_totals")
         current: Dict[str, Any] = {}
         if quantity is not None and len(dimensions) == 1:
             (name,) = dimensions
-            used = totals.get(name)
+            used = _object_at(data, "window_totals").get(name)
             # "remaining" of an authorization already counts the use it authorizes, which
             # a replayed record did not count again.
             left = authorization.remaining.get(name) if authorization else None
@@ -4338,14 +3918,14 @@ class UsageClient(_Service):
         pause = 0.05
         for _ in range(3):
             try:
-                return self._call("POST", "/api/usage/record", body=body, token=token,
+                return self._call("POST", self.USAGE_PREFIX + "/record", body=body, token=token,
                                   idempotency_key=idempotency_key)
             except UsageError as exc:
                 if not own_authorization or exc.error_code != "USAGE_AUTHORIZATION_EXPIRED":
                     raise
-            time.sleep(pause)  # the record is keyed: sending it again cannot count twice
+            self._ctx.http.sleep(pause)  # the record is keyed: sending it again cannot count twice
             pause *= 2
-        return self._call("POST", "/api/usage/record", body=body, token=token,
+        return self._call("POST", self.USAGE_PREFIX + "/record", body=body, token=token,
                           idempotency_key=idempotency_key)
 
     def _subject(self, resource_type: str, subject_user_id: Optional[str],
@@ -4371,34 +3951,26 @@ class UsageClient(_Service):
                                  f"(known: {', '.join(sorted(listed)) or 'none'})",
                                  error_code="FEATURE_NOT_FOUND", retryable=False)
             if len(known.dimensions) != 1:
-                raise ValueError(f"feature {feature!r} is metered in "
-                                 f"{len(known.dimensions)} dimensions "
-                                 f"({', '.join(known.dimensions) or 'none'}): pass dimensions=")
+                raise ValueError(f"feature {feature!r} is metered in {len(known.dimensions)} "
+                                 f"dimensions ({', '.join(known.dimensions) or 'none'}): "
+                                 "pass dimensions=")
             cache[feature] = known.dimensions[0]
         return cache[feature]
 
     def get_history(
-        self,
-        *,
-        period: Optional[str] = None,
-        start_date: Optional[str] = None,
-        end_date: Optional[str] = None,
-        feature: Optional[str] = None,
-        format: Optional[str] = None,
-        limit: Optional[int] = None,
-        offset: Optional[int] = None,
+        self, *, period: Optional[str] = None, start_date: Optional[str] = None,
+        end_date: Optional[str] = None, feature: Optional[str] = None,
+        format: Optional[str] = None, limit: Optional[int] = None, offset: Optional[int] = None,
         access_token_override: Optional[str] = None,
     ) -> UsageHistoryResponse:
         """Recorded usage events (``events``; ``has_more``/``next_offset`` page them),
         filtered by ``feature``; ``period``, ``start_date``, ``end_date`` and ``format``
         are sent for servers that filter by them."""
-        filters = {"feature_key": feature, "period": period, "start_date": start_date,
-                   "end_date": end_date, "format": format,
-                   "limit": None if limit is None else str(limit),
-                   "offset": None if offset is None else str(offset)}
-        query = [(key, value) for key, value in filters.items() if value]
-        reply = self._call("GET", "/api/usage/history", token=access_token_override, query=query)
-        return reply.parse(UsageHistoryResponse, reply.data())
+        query = _query(feature_key=feature or None, period=period or None,
+                       start_date=start_date or None, end_date=end_date or None,
+                       format=format or None, limit=limit, offset=offset)
+        return self._call("GET", self.USAGE_PREFIX + "/history", token=access_token_override,
+                          query=query).model(UsageHistoryResponse)
 
 
 class EntitlementsClient(_Service):
@@ -4420,56 +3992,38 @@ class EntitlementsClient(_Service):
         if not user_id and not email:
             raise ValueError("check_access needs user_id or email")
         reply = self._call("GET", self.ENTITLEMENTS_PREFIX + "/check", auth=_OPTIONAL_BEARER,
-                           query=_paging(user_id=user_id or None, email=email,
-                                         entitlement_key=entitlement_key,
-                                         resource_type=resource_type, resource_id=resource_id))
+                           query=_query(user_id=user_id or None, email=email,
+                                        entitlement_key=entitlement_key,
+                                        resource_type=resource_type, resource_id=resource_id))
         granted = reply.data().get("has_entitlement")
         if not isinstance(granted, bool):
             raise reply.invalid("the reply has no has_entitlement")
         return granted
 
     def get_user_entitlements(
-        self,
-        *,
-        user_id: Optional[str] = None,
-        email: Optional[str] = None,
-        entitlement_key: Optional[str] = None,
-        include_expired: bool = False,
-        include_revoked: bool = False,
-        limit: Optional[int] = None,
-        offset: Optional[int] = None,
-        resource_type: Optional[str] = None,
-        resource_id: Optional[str] = None,
+        self, *, user_id: Optional[str] = None, email: Optional[str] = None,
+        entitlement_key: Optional[str] = None, include_expired: bool = False,
+        include_revoked: bool = False, limit: Optional[int] = None, offset: Optional[int] = None,
+        resource_type: Optional[str] = None, resource_id: Optional[str] = None,
     ) -> List[Entitlement]:
         """The entitlements of a user given by ``user_id`` or ``email``."""
         if not user_id and not email:
             raise ValueError("get_user_entitlements needs user_id or email")
-        query = _paging(user_id=user_id or None, email=email or None,
-                        entitlement_key=entitlement_key or None,
-                        include_expired=True if include_expired else None,
-                        include_revoked=True if include_revoked else None,
-                        limit=limit, offset=offset, resource_type=resource_type,
-                        resource_id=resource_id)
+        query = _query(user_id=user_id or None, email=email or None,
+                       entitlement_key=entitlement_key or None,
+                       include_expired=include_expired or None,
+                       include_revoked=include_revoked or None, limit=limit, offset=offset,
+                       resource_type=resource_type, resource_id=resource_id)
         reply = self._call("GET", self.ENTITLEMENTS_PREFIX, auth=_OPTIONAL_BEARER, query=query)
-        items = reply.data().get("entitlements") or []
-        if not isinstance(items, list):
-            raise reply.invalid(f"'entitlements' is {_kind(items)}, expected a list")
-        return [reply.parse(Entitlement, item) for item in items]
+        return _model_list(reply, "entitlements", Entitlement)
 
     def grant_manual(
-        self,
-        params: Optional[ManualGrantParams] = None,
-        *,
-        entitlement_key: Optional[str] = None,
-        beneficiary_user_id: Optional[str] = None,
-        beneficiary_email: Optional[str] = None,
-        starts_at: Optional[str] = None,
-        ends_at: Optional[str] = None,
-        reason: Optional[str] = None,
-        metadata: Optional[Dict[str, Any]] = None,
-        resource_type: Optional[str] = None,
-        resource_id: Optional[str] = None,
-        access_token: Optional[str] = None,
+        self, params: Optional[ManualGrantParams] = None, *,
+        entitlement_key: Optional[str] = None, beneficiary_user_id: Optional[str] = None,
+        beneficiary_email: Optional[str] = None, starts_at: Optional[str] = None,
+        ends_at: Optional[str] = None, reason: Optional[str] = None,
+        metadata: Optional[Dict[str, Any]] = None, resource_type: Optional[str] = None,
+        resource_id: Optional[str] = None, access_token: Optional[str] = None,
     ) -> Entitlement:
         """Grant an entitlement by hand (admins only): a ``ManualGrantParams`` or keywords.
 
@@ -4488,34 +4042,35 @@ class EntitlementsClient(_Service):
             raise ValueError("pass either a ManualGrantParams or keywords, not both")
         if not params.beneficiary_user_id and not params.beneficiary_email:
             raise ValueError("grant_manual needs beneficiary_user_id or beneficiary_email")
-        body = {"entitlement_key": params.entitlement_key, **_pick(
-            beneficiary_user_id=params.beneficiary_user_id or None,
-            beneficiary_email=params.beneficiary_email or None,
-            starts_at=params.starts_at or None, ends_at=params.ends_at or None,
-            reason=params.reason or None, metadata=params.metadata or None,
-            resource_type=params.resource_type or None, resource_id=params.resource_id or None)}
-        reply = self._call("POST", self.ENTITLEMENTS_PREFIX + "/manual", token=access_token,
-                           body=body)
-        return reply.parse(Entitlement, _unwrap(reply.data(), "entitlement"))
+        body = {info.name: getattr(params, info.name) for info in fields(params)
+                if getattr(params, info.name)}
+        return self._call("POST", self.ENTITLEMENTS_PREFIX + "/manual", token=access_token,
+                          body=body).model(Entitlement, "entitlement")
 
     def revoke(self, entitlement_id: str, *, reason: Optional[str] = None,
                access_token: Optional[str] = None) -> Optional[Entitlement]:
         """Revoke entitlement ``entitlement_id`` (admins only); SPAPS 0.6 answers 204, so
         the result is ``None`` unless the server returns the revoked entitlement."""
-        path = self.ENTITLEMENTS_PREFIX + "/" + _segment(entitlement_id, "entitlement_id")
-        reply = self._call("DELETE", path, token=access_token,
-                           query=_paging(reason=reason or None))
-        data = _unwrap(reply.data(), "entitlement")
-        return reply.parse(Entitlement, data) if data else None
+        reply = self._call("DELETE", self.ENTITLEMENTS_PREFIX + "/" + _segment(
+            entitlement_id, "entitlement_id"), token=access_token,
+            query=_query(reason=reason or None))
+        return reply.model(Entitlement, "entitlement") if reply.data() else None
 
     def claim_pending(self, *, access_token: Optional[str] = None) -> EntitlementClaimResult:
         """Take over entitlements bought for the signed-in user's e-mail before sign-up."""
         reply = self._call("POST", self.ENTITLEMENTS_PREFIX + "/claim", token=access_token,
                            body={})
-        data = reply.data()
-        claimed = data.get("claimed")
-        return reply.parse(EntitlementClaimResult, {
-            **data, "count": data.get("count", len(claimed) if isinstance(claimed, list) else 0)})
+        claimed = reply.data().get("claimed")
+        return reply.model(EntitlementClaimResult,
+                           count=len(claimed) if isinstance(claimed, list) else 0)
+
+
+def _model_list(reply: _Reply, key: str, model: Type[_M]) -> List[_M]:
+    """The list under ``key`` of the payload, each item read as ``model``."""
+    items = reply.data().get(key) or []
+    if not isinstance(items, list):
+        raise reply.invalid(f"'{key}' is {_kind(items)}, expected a list")
+    return [reply.parse(model, item) for item in items]
 
 
 class WhitelistClient(_Service):
@@ -4529,74 +4084,44 @@ class WhitelistClient(_Service):
         """Whether ``email`` is whitelisted (sends the API key only, never a token)."""
         reply = self._call("GET", self.WHITELIST_PREFIX + "/check", auth=_KEY,
                            query=[("email", email)])
-        data = self._data(reply)
-        entry = data.get("entry") if isinstance(data.get("entry"), dict) else None
+        data = _object_at(reply.body, "data")
         return reply.parse(WhitelistCheckResult, {
-            "message": reply.first_text(data.get("message"), reply.body.get("message")),
-            "entry": entry,
-        })
+            "message": _first_text(data.get("message"), reply.body.get("message")),
+            "entry": _object_at(data, "entry") or None})
 
-    def list(
-        self,
-        *,
-        limit: int = 10,
-        offset: int = 0,
-        tier: Optional[str] = None,
-        access_token_override: Optional[str] = None,
-    ) -> WhitelistListResult:
+    def list(self, *, limit: int = 10, offset: int = 0, tier: Optional[str] = None,
+             access_token_override: Optional[str] = None) -> WhitelistListResult:
         """A page of whitelist entries."""
-        query = [("limit", str(limit)), ("offset", str(offset))]
-        if tier:
-            query.append(("tier", tier))
         reply = self._call("GET", self.WHITELIST_PREFIX, token=access_token_override,
-                           query=query)
-        return reply.parse(WhitelistListResult, self._data(reply))
+                           query=_query(limit=limit, offset=offset, tier=tier or None))
+        return reply.parse(WhitelistListResult, _object_at(reply.body, "data"))
 
-    def add(
-        self,
-        *,
-        email: str,
-        tier: str = "premium",
-        bypass_payment: bool = True,
-        metadata: Optional[Dict[str, Any]] = None,
-        access_token_override: Optional[str] = None,
-    ) -> WhitelistEntry:
+    def add(self, *, email: str, tier: str = "premium", bypass_payment: bool = True,
+            metadata: Optional[Dict[str, Any]] = None,
+            access_token_override: Optional[str] = None) -> WhitelistEntry:
         """Whitelist ``email`` at ``tier``."""
         body = {"email": email, "tier": tier, "bypass_payment": bypass_payment,
                 **_pick(metadata=metadata)}
-        reply = self._call("POST", self.WHITELIST_PREFIX, body=body,
-                           token=access_token_override)
-        return reply.parse(WhitelistEntry, self._data(reply).get("entry"))
+        reply = self._call("POST", self.WHITELIST_PREFIX, body=body, token=access_token_override)
+        return reply.parse(WhitelistEntry, _object_at(reply.body, "data").get("entry"))
 
-    def update(
-        self,
-        *,
-        email: str,
-        tier: Optional[str] = None,
-        bypass_payment: Optional[bool] = None,
-        metadata: Optional[Dict[str, Any]] = None,
-        access_token_override: Optional[str] = None,
-    ) -> WhitelistEntry:
+    def update(self, *, email: str, tier: Optional[str] = None,
+               bypass_payment: Optional[bool] = None, metadata: Optional[Dict[str, Any]] = None,
+               access_token_override: Optional[str] = None) -> WhitelistEntry:
         """Change the tier, payment bypass or metadata of ``email``'s entry."""
-        body = _pick(tier=tier, bypass_payment=bypass_payment, metadata=metadata)
         reply = self._call("PUT", self.WHITELIST_PREFIX + "/" + _segment(email, "email"),
-                           body=body, token=access_token_override)
-        return reply.parse(WhitelistEntry, self._data(reply).get("entry"))
+                           body=_pick(tier=tier, bypass_payment=bypass_payment,
+                                      metadata=metadata), token=access_token_override)
+        return reply.parse(WhitelistEntry, _object_at(reply.body, "data").get("entry"))
 
     def remove(self, *, email: str, access_token_override: Optional[str] = None
                ) -> WhitelistMessage:
-        """Remove ``email`` from the whitelist."""
+        """Remove ``email`` from the whitelist (SPAPS answers 204)."""
         reply = self._call("DELETE", self.WHITELIST_PREFIX + "/" + _segment(email, "email"),
                            token=access_token_override)
-        # SPAPS answers 204 with no body.
-        return reply.parse(WhitelistMessage, {"message": reply.first_text(
-            self._data(reply).get("message"), reply.body.get("message"),
-        ) or f"{email} was removed from the whitelist"})
-
-    @staticmethod
-    def _data(reply: _Reply) -> Dict[str, Any]:
-        data = reply.body.get("data")
-        return data if isinstance(data, dict) else {}
+        return WhitelistMessage(_first_text(_object_at(reply.body, "data").get("message"),
+                                            reply.body.get("message"))
+                                or f"{email} was removed from the whitelist")
 
 
 class SecureMessagesClient(_Service):
@@ -4606,33 +4131,22 @@ class SecureMessagesClient(_Service):
     _error = SecureMessagesError
     _label = "Secure message"
 
-    def create_message(
-        self,
-        *,
-        patient_id: str,
-        practitioner_id: str,
-        content: str,
-        metadata: Optional[Dict[str, Any]] = None,
-        idempotency_key: Optional[str] = None,
-        access_token_override: Optional[str] = None,
-    ) -> SecureMessage:
+    def create_message(self, *, patient_id: str, practitioner_id: str, content: str,
+                       metadata: Optional[Dict[str, Any]] = None,
+                       idempotency_key: Optional[str] = None,
+                       access_token_override: Optional[str] = None) -> SecureMessage:
         """Store a message (request keys go out camelCase: ``patientId``, ``practitionerId``)."""
         body = {"patientId": patient_id, "practitionerId": practitioner_id, "content": content,
                 **_pick(metadata=metadata)}
-        reply = self._call("POST", self.SECURE_MESSAGES_PREFIX, auth=_OPTIONAL_BEARER, body=body,
-                           token=access_token_override, idempotency_key=idempotency_key)
-        return reply.parse(SecureMessage, reply.data())
+        return self._call("POST", self.SECURE_MESSAGES_PREFIX, auth=_OPTIONAL_BEARER, body=body,
+                          token=access_token_override, idempotency_key=idempotency_key
+                          ).model(SecureMessage)
 
     def list_messages(self, *, access_token_override: Optional[str] = None
                       ) -> List[SecureMessage]:
         """The application's messages, oldest first."""
-        reply = self._call("GET", self.SECURE_MESSAGES_PREFIX, auth=_OPTIONAL_BEARER,
-                           token=access_token_override)
-        data = reply.data()
-        messages = data.get("messages", [])
-        if not isinstance(messages, list):
-            raise reply.invalid(f"'messages' is {_kind(messages)}, expected a list")
-        return [reply.parse(SecureMessage, item) for item in messages]
+        return _model_list(self._call("GET", self.SECURE_MESSAGES_PREFIX, auth=_OPTIONAL_BEARER,
+                                      token=access_token_override), "messages", SecureMessage)
 
 
 class MetricsClient(_Service):
@@ -4641,27 +4155,18 @@ class MetricsClient(_Service):
     _error = MetricsError
     _label = "Metrics"
 
-    def __init__(
-        self,
-        /,
-        *,
-        base_url: str,
-        client: Optional[RetryClient] = None,
-        request_timeout: float = DEFAULT_TIMEOUT,
-        **options: Any,
-    ) -> None:
+    def __init__(self, /, *, base_url: str, client: Optional[RetryClient] = None,
+                 request_timeout: float = DEFAULT_TIMEOUT, **options: Any) -> None:
         super().__init__(base_url=base_url, api_key="", client=client,
                          request_timeout=request_timeout, **options)
 
     def get_prometheus_metrics(self) -> str:
         """The Prometheus exposition text from ``/api/metrics``."""
-        result = self._send("GET", self.base_url + "/api/metrics", _NONE, None, None,
-                            {"Accept": "text/plain"}, None)
-        if result.status >= 300:
-            raise self._status_error(result, [])
-        if result.body is None:
-            raise _Reply(self, result, {}).invalid(f"the body exceeds {_MAX_BODY} bytes")
-        return result.body.decode("utf-8", "replace")
+        response = self._ctx.http.request("GET", self.base_url + "/api/metrics",
+                                          headers={"Accept": "text/plain"})
+        if response.status_code >= 300:
+            raise self._status_error(response, [])
+        return response.content.decode("utf-8", "replace")
 
     def get_metrics_json(self) -> Dict[str, Any]:
         """Metrics as the JSON object ``/api/metrics/json`` returns."""
@@ -4679,60 +4184,70 @@ class MetricsClient(_Service):
         return self._call("GET", "/health/ready", auth=_NONE).body
 
 
-# --- The async surface, derived from the sync services ---
-
-_executor_lock = _thread.allocate_lock()
-_shared_executor: Optional[ThreadPoolExecutor] = None
-ASYNC_WORKERS = 64
-"""Worker threads shared by all async clients (a call occupies one while it runs)."""
+# =============================================================================
+# Async: the sync services, run in worker threads the client owns
+# =============================================================================
 
 
-def _async_executor() -> ThreadPoolExecutor:
-    # Our own pool: the loop's default executor would cap concurrency at cpu_count + 4.
-    global _shared_executor
-    with _executor_lock:
-        if _shared_executor is None:
-            from concurrent.futures import ThreadPoolExecutor
+class _Runner:
+    """Runs blocking calls for async code, as ``asyncio.to_thread`` does (context
+    variables included), on a thread pool that belongs to one client.
 
-            _shared_executor = ThreadPoolExecutor(ASYNC_WORKERS, thread_name_prefix="spaps")
-        return _shared_executor
+    The pool holds as many threads as the client keeps connections, so calls in
+    flight never outnumber the connections they need; ``close`` shuts it down.
+    """
 
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._lock = threading.Lock()
 
-async def _in_thread(function: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-    import asyncio
-    import contextvars
-    import functools
+    async def run(self, function: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        import asyncio  # only async users pay for importing it
+        import contextvars
+        import functools
 
-    call = functools.partial(contextvars.copy_context().run, function, *args, **kwargs)
-    return await asyncio.get_running_loop().run_in_executor(_async_executor(), call)
+        call = functools.partial(contextvars.copy_context().run, function, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._pool(), call)
+
+    def close(self) -> None:
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="spaps")
+            return self._executor
 
 
 if TYPE_CHECKING and sys.version_info < (3, 10):
     # What a checker targeting 3.9 sees: results typed, parameters not (no ParamSpec).
     def _async_twin(method: Callable[..., _T]) -> Callable[..., Coroutine[None, None, _T]]: ...
 
-    def _keywords_of(
-        source: Callable[..., _T],
-    ) -> Callable[[Callable[..., _T]], Callable[..., _T]]: ...
+    def _keywords_of(source: Callable[..., Any]
+                     ) -> Callable[[Callable[..., _T]], Callable[..., _T]]: ...
 
 else:
 
-    def _async_twin(
-        method: Callable[Concatenate[_S, _P], _T],
-    ) -> Callable[Concatenate[_AsyncService[_S], _P], Coroutine[None, None, _T]]:
+    def _async_twin(method: Callable[Concatenate[_S, _P], _T],
+                    ) -> Callable[Concatenate[_AsyncService[_S], _P], Coroutine[None, None, _T]]:
         """The async form of a sync service method: the same call, run in a worker thread."""
         name = method.__name__
 
         async def twin(self: _AsyncService[_S], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-            return await _in_thread(getattr(self._sync, name), *args, **kwargs)
+            return await self._runner.run(getattr(self._sync, name), *args, **kwargs)
 
         twin.__name__ = twin.__qualname__ = name
         twin.__doc__ = method.__doc__
         return twin
 
-    def _keywords_of(
-        source: Callable[Concatenate[Any, _P], _T],
-    ) -> Callable[[Callable[..., _T]], Callable[Concatenate[Any, _P], _T]]:
+    def _keywords_of(source: Callable[Concatenate[Any, _P], Any],
+                     ) -> Callable[[Callable[..., _T]], Callable[Concatenate[Any, _P], _T]]:
         """Give a ``**options`` forwarder the exact signature of the method it forwards to."""
 
         def apply(forwarder: Callable[..., _T]) -> Callable[Concatenate[Any, _P], _T]:
@@ -4742,22 +4257,27 @@ else:
         return apply
 
 
-class _AsyncService(_GenericBase["_S"]):
-    """Base of the async service clients: wraps the sync client of the same service.
+class _AsyncService(Generic[_S]):
+    """Base of the async service clients: the sync client of the same service, awaited.
 
-    The constructor takes the same keywords as the sync class.
+    The constructor takes the same keywords as the sync class; a standalone
+    instance owns its worker threads and ``aclose()`` stops them.
     """
 
     _sync_class: ClassVar[Type[_Service]]
     _sync: _S
+    _runner: _Runner
+    _owns_runner: bool
 
-    def __init__(self, **kwargs: Any) -> None:
-        self._sync = self._sync_class(**kwargs)  # type: ignore[assignment]
+    def __init__(self, **options: Any) -> None:
+        self._sync = self._sync_class(**options)  # type: ignore[assignment]
+        self._runner = _Runner(self._sync._ctx.http.pool_maxsize)
+        self._owns_runner = True
 
     @classmethod
-    def _wrap(cls: Type[_A], sync: Any) -> _A:
+    def _wrap(cls, sync: Any, runner: _Runner) -> Any:
         service = cls.__new__(cls)
-        service._sync = sync
+        service._sync, service._runner, service._owns_runner = sync, runner, False
         return service
 
     @property
@@ -4780,8 +4300,10 @@ class _AsyncService(_GenericBase["_S"]):
         self._sync.access_token = token
 
     async def aclose(self) -> None:
-        """Close the HTTP client if this service created it."""
+        """Close the HTTP client if this service created it, and its worker threads."""
         self._sync.close()
+        if self._owns_runner:
+            self._runner.close()
 
     async def __aenter__(self: _T) -> _T:
         return self
@@ -4794,7 +4316,7 @@ class _AsyncService(_GenericBase["_S"]):
 
 
 class AsyncAuthClient(_AsyncService[AuthClient]):
-    """Async ``AuthClient``: same constructor keywords, every method awaitable."""
+    """Async ``AuthClient``: same constructor keywords, every call awaitable."""
 
     _sync_class = AuthClient
 
@@ -4836,7 +4358,7 @@ class AsyncAuthClient(_AsyncService[AuthClient]):
 
 
 class AsyncSessionsClient(_AsyncService[SessionsClient]):
-    """Async ``SessionsClient``: same constructor keywords, every method awaitable."""
+    """Async ``SessionsClient``: same constructor keywords, every call awaitable."""
 
     _sync_class = SessionsClient
 
@@ -4869,7 +4391,7 @@ class AsyncCryptoPaymentsClient(_AsyncService[CryptoPaymentsClient]):
 
 
 class AsyncPaymentsClient(_AsyncService[PaymentsClient]):
-    """Async ``PaymentsClient``: same constructor keywords, every method awaitable."""
+    """Async ``PaymentsClient``: same constructor keywords, every call awaitable."""
 
     _sync_class = PaymentsClient
 
@@ -4898,12 +4420,12 @@ class AsyncPaymentsClient(_AsyncService[PaymentsClient]):
 
     @property
     def crypto(self) -> AsyncCryptoPaymentsClient:
-        """Crypto invoices, sharing this client's transport and token."""
-        return AsyncCryptoPaymentsClient._wrap(self._sync.crypto)
+        """Crypto invoices, sharing this client's transport, token and worker threads."""
+        return AsyncCryptoPaymentsClient._wrap(self._sync.crypto, self._runner)  # type: ignore[no-any-return]
 
 
 class AsyncUsageClient(_AsyncService[UsageClient]):
-    """Async ``UsageClient``: same constructor keywords, every method awaitable."""
+    """Async ``UsageClient``: same constructor keywords, every call awaitable."""
 
     _sync_class = UsageClient
 
@@ -4920,7 +4442,7 @@ class AsyncUsageClient(_AsyncService[UsageClient]):
 
 
 class AsyncEntitlementsClient(_AsyncService[EntitlementsClient]):
-    """Async ``EntitlementsClient``: same constructor keywords, every method awaitable."""
+    """Async ``EntitlementsClient``: same constructor keywords, every call awaitable."""
 
     _sync_class = EntitlementsClient
 
@@ -4937,7 +4459,7 @@ class AsyncEntitlementsClient(_AsyncService[EntitlementsClient]):
 
 
 class AsyncWhitelistClient(_AsyncService[WhitelistClient]):
-    """Async ``WhitelistClient``: same constructor keywords, every method awaitable."""
+    """Async ``WhitelistClient``: same constructor keywords, every call awaitable."""
 
     _sync_class = WhitelistClient
 
@@ -4954,7 +4476,7 @@ class AsyncWhitelistClient(_AsyncService[WhitelistClient]):
 
 
 class AsyncSecureMessagesClient(_AsyncService[SecureMessagesClient]):
-    """Async ``SecureMessagesClient``: same constructor keywords, every method awaitable."""
+    """Async ``SecureMessagesClient``: same constructor keywords, every call awaitable."""
 
     _sync_class = SecureMessagesClient
 
@@ -4968,7 +4490,7 @@ class AsyncSecureMessagesClient(_AsyncService[SecureMessagesClient]):
 
 
 class AsyncMetricsClient(_AsyncService[MetricsClient]):
-    """Async ``MetricsClient``: same constructor keywords, every method awaitable."""
+    """Async ``MetricsClient``: same constructor keywords, every call awaitable."""
 
     _sync_class = MetricsClient
 
@@ -4987,13 +4509,26 @@ class AsyncMetricsClient(_AsyncService[MetricsClient]):
 # =============================================================================
 
 
-def verify_crypto_webhook_signature(
-    *,
-    body: Union[bytes, bytearray, str],
-    signature: str,
-    secret: str,
-    tolerance_seconds: int = 300,
-) -> bool:
+def _signature_header(header: str) -> Tuple[Optional[str], List[str]]:
+    """The ``t`` value and the ``v1`` values of a ``t=<unix>,v1=<hex>[,v1=...]`` header."""
+    timestamp, signatures = None, []
+    for part in header.split(","):
+        key, _, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if key == "t" and value:
+            timestamp = value
+        elif key == "v1" and value:
+            signatures.append(value)
+    return timestamp, signatures
+
+
+def _webhook_digest(secret: str, timestamp: str, body: bytes) -> bytes:
+    return hmac.new(secret.encode("utf-8"), timestamp.encode() + b"." + body,
+                    hashlib.sha256).digest()
+
+
+def verify_crypto_webhook_signature(*, body: Union[bytes, bytearray, str], signature: str,
+                                    secret: str, tolerance_seconds: int = 300) -> bool:
     """Check a crypto webhook's ``t=<unix>,v1=<hex hmac>`` signature header.
 
     ``body`` must be the raw request body. Several ``v1`` values may be given
@@ -5002,22 +4537,11 @@ def verify_crypto_webhook_signature(
     captured webhook cannot be replayed later. Returns ``True``; every failure
     raises ``WebhookVerificationError`` (a ``ValueError``).
     """
-    import hashlib
-    import hmac
-
     if not signature:
         raise WebhookVerificationError("missing webhook signature", "MISSING_SIGNATURE")
     if tolerance_seconds <= 0:
         raise ValueError("tolerance_seconds must be positive; replay protection cannot be off")
-    timestamp = None
-    candidates: List[str] = []
-    for part in signature.split(","):
-        key, _, value = part.partition("=")
-        key, value = key.strip(), value.strip()
-        if key == "t" and value:
-            timestamp = value
-        elif key == "v1" and value:
-            candidates.append(value)
+    timestamp, candidates = _signature_header(signature)
     if timestamp is None or not candidates:
         raise WebhookVerificationError("invalid signature header format", "INVALID_FORMAT")
     if isinstance(body, str):
@@ -5026,36 +4550,26 @@ def verify_crypto_webhook_signature(
         raw = bytes(body)
     else:
         raise ValueError("body must be the raw request body (bytes or str), not parsed JSON")
-    expected = hmac.new(secret.encode("utf-8"), timestamp.encode() + b"." + raw,
-                        hashlib.sha256).digest()
+    expected = _webhook_digest(secret, timestamp, raw)
     matched = False
     for candidate in candidates:
         try:
-            given = bytes.fromhex(candidate)
+            matched |= hmac.compare_digest(bytes.fromhex(candidate), expected)
         except ValueError:
             continue
-        matched |= hmac.compare_digest(given, expected)
     if not matched:
         raise WebhookVerificationError("webhook signature does not match", "INVALID_SIGNATURE")
-    try:
-        sent_at = int(timestamp)
-    except ValueError:
-        raise WebhookVerificationError("signature timestamp is not an integer",
-                                       "INVALID_FORMAT") from None
-    if abs(time.time() - sent_at) > tolerance_seconds:
+    if not (timestamp.isascii() and timestamp.isdigit()):
+        raise WebhookVerificationError("signature timestamp is not an integer", "INVALID_FORMAT")
+    if abs(time.time() - int(timestamp)) > tolerance_seconds:
         raise WebhookVerificationError("signature timestamp outside the tolerance window",
                                        "TIMESTAMP_OUT_OF_TOLERANCE")
     return True
 
 
-def verify_spaps_webhook(
-    body: Union[bytes, str],
-    signature: str,
-    secret: str,
-    *,
-    max_age_seconds: int = 300,
-    timestamp: Optional[int] = None,
-) -> SpapsWebhookPayload:
+def verify_spaps_webhook(body: Union[bytes, str], signature: str, secret: str, *,
+                         max_age_seconds: int = 300,
+                         timestamp: Optional[int] = None) -> SpapsWebhookPayload:
     """Verify a SPAPS webhook (header ``X-SPAPS-Signature``) and return its payload.
 
     The header must be exactly ``t=<digits>,v1=<64 lowercase hex>``. Events
@@ -5066,24 +4580,18 @@ def verify_spaps_webhook(
     ``SIGNATURE_EXPIRED``, ``INVALID_SIGNATURE``, ``INVALID_JSON``,
     ``INVALID_PAYLOAD``.
     """
-    import hashlib
-    import hmac
-    import json
-    import re
-
-    match = re.fullmatch(r"t=(\d+),v1=([0-9a-f]{64})", signature or "")
-    if match is None:
+    sent, candidates = _signature_header(signature or "")
+    if (sent is None or not sent.isascii() or not sent.isdigit() or len(candidates) != 1
+            or signature != f"t={sent},v1={candidates[0]}"
+            or not re.fullmatch(r"[0-9a-f]{64}", candidates[0])):
         raise WebhookVerificationError("invalid X-SPAPS-Signature format", "INVALID_FORMAT")
-    sent_at, given = int(match.group(1)), match.group(2)
     now = int(time.time()) if timestamp is None else timestamp
-    if sent_at - now > max_age_seconds:
+    if int(sent) - now > max_age_seconds:
         raise WebhookVerificationError("webhook timestamp is in the future", "TIMESTAMP_FUTURE")
-    if now - sent_at > max_age_seconds:
+    if now - int(sent) > max_age_seconds:
         raise WebhookVerificationError("webhook signature expired", "SIGNATURE_EXPIRED")
     raw = body.encode("utf-8") if isinstance(body, str) else bytes(body)
-    expected = hmac.new(secret.encode("utf-8"), match.group(1).encode() + b"." + raw,
-                        hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(given, expected):
+    if not hmac.compare_digest(bytes.fromhex(candidates[0]), _webhook_digest(secret, sent, raw)):
         raise WebhookVerificationError("webhook signature does not match", "INVALID_SIGNATURE")
     try:
         payload = json.loads(raw)
@@ -5096,31 +4604,85 @@ def verify_spaps_webhook(
                                        "INVALID_PAYLOAD") from None
 
 
-def generate_test_signature(
-    payload: Mapping[str, Any], secret: str, timestamp: Optional[int] = None
-) -> str:
+def generate_test_signature(payload: Mapping[str, Any], secret: str,
+                            timestamp: Optional[int] = None) -> str:
     """Sign ``json.dumps(payload)`` as SPAPS would; returns the header value (for tests)."""
-    import hashlib
-    import hmac
-    import json
-
-    sent_at = int(time.time()) if timestamp is None else timestamp
-    digest = hmac.new(secret.encode("utf-8"), f"{sent_at}.{json.dumps(payload)}".encode(),
-                      hashlib.sha256).hexdigest()
-    return f"t={sent_at},v1={digest}"
+    sent = str(int(time.time()) if timestamp is None else timestamp)
+    return f"t={sent},v1={_webhook_digest(secret, sent, json.dumps(payload).encode()).hex()}"
 
 
 # =============================================================================
-# Aggregate clients
+# Clients: the whole API behind one object
 # =============================================================================
 
+_Sync = TypeVar("_Sync")
+_Async = TypeVar("_Async")
 
-class SpapsClient:
+
+class _ServiceSlot(Generic[_Sync, _Async]):
+    """One service of the aggregate clients: the sync class for ``SpapsClient``, the async
+    one for ``AsyncSpapsClient``, built once per client and shared from then on."""
+
+    def __init__(self, sync: Type[_Sync], async_: Type[_Async], doc: str, *,
+                 needs_tokens: bool) -> None:
+        self.sync, self.async_, self.needs_tokens = sync, async_, needs_tokens
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, client: None, owner: type) -> _ServiceSlot[_Sync, _Async]: ...
+
+    @overload
+    def __get__(self, client: SpapsClient, owner: type) -> _Sync: ...
+
+    @overload
+    def __get__(self, client: AsyncSpapsClient, owner: type) -> _Async: ...
+
+    def __get__(self, client: Optional[_Clients], owner: type) -> Any:
+        if client is None:
+            return self
+        return client._service(self)
+
+
+class _Clients:
+    """What ``SpapsClient`` and ``AsyncSpapsClient`` share: their services, one table."""
+
+    _services: Dict[str, Any]
+
+    auth = _ServiceSlot(AuthClient, AsyncAuthClient,
+                        "Sign-in, registration, tokens (usable without tokens).",
+                        needs_tokens=False)
+    sessions = _ServiceSlot(SessionsClient, AsyncSessionsClient,
+                            "Sessions; raises ``ValueError`` until tokens are stored.",
+                            needs_tokens=True)
+    payments = _ServiceSlot(PaymentsClient, AsyncPaymentsClient, "Payments and "
+                            "``payments.crypto``; raises ``ValueError`` until tokens are stored.",
+                            needs_tokens=True)
+    usage = _ServiceSlot(UsageClient, AsyncUsageClient,
+                         "Usage metering; raises ``ValueError`` until tokens are stored.",
+                         needs_tokens=True)
+    secure_messages = _ServiceSlot(
+        SecureMessagesClient, AsyncSecureMessagesClient,
+        "Secure messages; raises ``ValueError`` until tokens are stored.", needs_tokens=True)
+    whitelist = _ServiceSlot(WhitelistClient, AsyncWhitelistClient, "The whitelist (``check`` "
+                             "works without tokens; the rest needs them).", needs_tokens=False)
+    entitlements = _ServiceSlot(EntitlementsClient, AsyncEntitlementsClient, "Entitlements "
+                                "(lookups work without tokens; grants need an admin's).",
+                                needs_tokens=False)
+    metrics = _ServiceSlot(MetricsClient, AsyncMetricsClient,
+                           "Health and metrics (no credentials sent).", needs_tokens=False)
+
+    def _service(self, slot: _ServiceSlot[Any, Any]) -> Any:
+        raise NotImplementedError
+
+
+class SpapsClient(_Clients):
     """The whole SPAPS API behind one object, sharing connections and tokens.
 
     ``auth`` signs in and stores tokens in ``token_storage`` (in memory unless
-    given); ``sessions``, ``payments``, ``usage``, ``whitelist``,
-    ``secure_messages`` and ``metrics`` use them. Access tokens are refreshed
+    given); the other services use them. Access tokens are refreshed
     automatically shortly before they expire and once after a 401
     (``auto_refresh=False`` turns this off). ``app_info`` (e.g.
     ``"billing-worker/1.4"``) is appended to the User-Agent, so SPAPS and its
@@ -5129,51 +4691,37 @@ class SpapsClient:
     """
 
     def __init__(
-        self,
-        *,
-        base_url: Optional[str] = None,
-        api_key: Optional[str] = None,
-        request_timeout: Optional[float] = None,
-        token_storage: Optional[TokenStorage] = None,
+        self, *, base_url: Optional[str] = None, api_key: Optional[str] = None,
+        request_timeout: Optional[float] = None, token_storage: Optional[TokenStorage] = None,
         http_client: Optional[RetryClient] = None,
         retry_config: Optional[Union[RetryConfig, Mapping[str, Any]]] = None,
         logging_hooks: Optional[Union[LoggingHooks, Mapping[str, Any]]] = None,
-        ssl_context: Optional[ssl.SSLContext] = None,
-        allow_insecure_http: bool = False,
-        auto_refresh: bool = True,
-        app_info: Optional[str] = None,
+        ssl_context: Optional[ssl.SSLContext] = None, allow_insecure_http: bool = False,
+        auto_refresh: bool = True, app_info: Optional[str] = None,
     ) -> None:
         self.settings = Settings(base_url=base_url, api_key=api_key,
                                  request_timeout=request_timeout)
-        self._token_storage = token_storage if token_storage is not None else (
-            InMemoryTokenStorage()
-        )
-        if http_client is None:
-            http = create_http_client(
-                settings=self.settings, retry_config=retry_config, logging_hooks=logging_hooks,
-                ssl_context=ssl_context, allow_insecure_http=allow_insecure_http,
-                app_info=app_info,
-            )
-        else:
-            if (retry_config is not None or logging_hooks is not None
-                    or ssl_context is not None or allow_insecure_http or app_info is not None):
-                raise ValueError("retry_config, logging_hooks, ssl_context, "
-                                 "allow_insecure_http and app_info belong to the http_client "
-                                 "you pass; configure them there")
-            http = http_client
+        self.token_storage: TokenStorage = (token_storage if token_storage is not None
+                                            else InMemoryTokenStorage())
+        if http_client is not None and (
+                retry_config is not None or logging_hooks is not None or ssl_context is not None
+                or allow_insecure_http or app_info is not None):
+            raise ValueError("retry_config, logging_hooks, ssl_context, allow_insecure_http "
+                             "and app_info belong to the http_client you pass; configure "
+                             "them there")
+        self.http_client = http_client or create_http_client(
+            settings=self.settings, retry_config=retry_config, logging_hooks=logging_hooks,
+            ssl_context=ssl_context, allow_insecure_http=allow_insecure_http, app_info=app_info)
         self._owns_http = http_client is None
-        self._http = http
-        tokens = _StoredTokenSource(self._token_storage)
-        self._tokens = tokens
-        self._ctx = _Context(http, http.base_url or self.settings.base_url,
-                             self.settings.api_key, tokens)
-        self._auth = AuthClient._attached(self._ctx)
+        self._tokens = _StoredTokenSource(self.token_storage)
+        self._ctx = _Context(self.http_client, self.http_client.base_url
+                             or self.settings.base_url, self.settings.api_key, self._tokens)
+        self._services = {}
         if auto_refresh:
-            tokens.refresh = self._refresh
-        self._services: Dict[type, Any] = {}
+            self._tokens.refresh = self._refresh
 
-    def _refresh(self, refresh_token: str) -> StoredTokens:
-        self._auth.refresh_tokens(refresh_token=refresh_token)
+    def _refresh(self, refresh_token: str, deadline: float) -> StoredTokens:
+        self.auth._refresh_within(refresh_token, deadline)
         stored = self._tokens.load()
         if stored is None:
             raise AuthError("token storage lost the refreshed tokens", status_code=500)
@@ -5191,75 +4739,16 @@ class SpapsClient:
     def close(self) -> None:
         """Close pooled connections (only of an HTTP client this object created)."""
         if self._owns_http:
-            self._http.close()
-
-    @property
-    def token_storage(self) -> TokenStorage:
-        """Where tokens are kept."""
-        return self._token_storage
-
-    @property
-    def http_client(self) -> RetryClient:
-        """The shared HTTP client."""
-        return self._http
-
-    @property
-    def auth(self) -> AuthClient:
-        """Sign-in, registration, tokens (usable without tokens)."""
-        return self._auth
-
-    @property
-    def sessions(self) -> SessionsClient:
-        """Sessions; raises ``ValueError`` until tokens are stored."""
-        self._require_tokens()
-        return self._service(SessionsClient)
-
-    @property
-    def payments(self) -> PaymentsClient:
-        """Payments and ``payments.crypto``; raises ``ValueError`` until tokens are stored."""
-        self._require_tokens()
-        return self._service(PaymentsClient)
-
-    @property
-    def usage(self) -> UsageClient:
-        """Usage metering; raises ``ValueError`` until tokens are stored."""
-        self._require_tokens()
-        return self._service(UsageClient)
-
-    @property
-    def secure_messages(self) -> SecureMessagesClient:
-        """Secure messages; raises ``ValueError`` until tokens are stored."""
-        self._require_tokens()
-        return self._service(SecureMessagesClient)
-
-    @property
-    def whitelist(self) -> WhitelistClient:
-        """The whitelist (``check`` works without tokens; the rest needs them)."""
-        return self._service(WhitelistClient)
-
-    @property
-    def entitlements(self) -> EntitlementsClient:
-        """Entitlements (lookups work without tokens; grants need an admin's)."""
-        return self._service(EntitlementsClient)
-
-    @property
-    def metrics(self) -> MetricsClient:
-        """Health and metrics (no credentials sent)."""
-        return self._service(MetricsClient)
+            self.http_client.close()
 
     def get_tokens(self) -> Optional[StoredTokens]:
         """The stored tokens, or ``None`` (tokens the storage failed to save count)."""
         return self._tokens.load()
 
-    def set_tokens(
-        self,
-        *,
-        access_token: str,
-        refresh_token: Optional[str] = None,
-        token_type: str = "Bearer",  # noqa: S107 - a token type, not a secret
-        expires_in: Optional[int] = None,
-        expires_at: Optional[datetime] = None,
-    ) -> None:
+    def set_tokens(self, *, access_token: str, refresh_token: Optional[str] = None,
+                   token_type: str = "Bearer",  # noqa: S107 - a token type, not a secret
+                   expires_in: Optional[int] = None,
+                   expires_at: Optional[datetime] = None) -> None:
         """Store tokens obtained elsewhere; ``expires_at`` wins over ``expires_in``."""
         tokens = _tokens_from(access_token, refresh_token, expires_in, token_type)
         if expires_at is not None:
@@ -5270,32 +4759,29 @@ class SpapsClient:
         """Forget the stored tokens."""
         self._tokens.clear()
 
-    def _require_tokens(self) -> None:
-        tokens = self._tokens.load()
-        if tokens is None or not tokens.access_token:
-            raise ValueError(
-                "No access token found: authenticate with client.auth (for example "
-                "sign_in_with_password) or call set_tokens() first"
-            )
-
-    def _service(self, kind: Type[_S]) -> _S:
-        service = self._services.get(kind)
+    def _service(self, slot: _ServiceSlot[Any, Any]) -> Any:
+        if slot.needs_tokens and not self._tokens.peek():
+            raise ValueError("No access token found: authenticate with client.auth (for "
+                             "example sign_in_with_password) or call set_tokens() first")
+        service = self._services.get(slot.name)
         if service is None:
-            service = self._services.setdefault(kind, kind._attached(self._ctx))
-        return service  # type: ignore[no-any-return]
+            service = self._services.setdefault(slot.name, slot.sync._attached(self._ctx))
+        return service
 
 
-class AsyncSpapsClient:
-    """The async ``SpapsClient``: the same keywords and properties, awaitable calls.
+class AsyncSpapsClient(_Clients):
+    """The async ``SpapsClient``: the same keywords and services, awaitable calls.
 
-    Calls run in a pool of worker threads (``ASYNC_WORKERS``) over the same
-    keep-alive connections; use ``async with`` or ``await aclose()``.
+    Calls run in worker threads this client owns, one per pooled connection
+    (``RetryClient(pool_maxsize=...)``, 64 by default), over the same keep-alive
+    connections; use ``async with`` or ``await aclose()``, which stops them.
     """
 
     @_keywords_of(SpapsClient.__init__)
     def __init__(self, **options: Any) -> None:
         self._sync = SpapsClient(**options)
-        self._wrapped: Dict[str, Any] = {}
+        self._runner = _Runner(self._sync.http_client.pool_maxsize)
+        self._services = {}
 
     @property
     def settings(self) -> Settings:
@@ -5317,48 +4803,10 @@ class AsyncSpapsClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close pooled connections (only of an HTTP client this object created)."""
+        """Stop the worker threads; close pooled connections (only of an HTTP client this
+        object created)."""
+        self._runner.close()
         self._sync.close()
-
-    @property
-    def auth(self) -> AsyncAuthClient:
-        """Sign-in, registration, tokens (usable without tokens)."""
-        return self._wrap("auth", AsyncAuthClient)
-
-    @property
-    def sessions(self) -> AsyncSessionsClient:
-        """Sessions; raises ``ValueError`` until tokens are stored."""
-        return self._wrap("sessions", AsyncSessionsClient)
-
-    @property
-    def payments(self) -> AsyncPaymentsClient:
-        """Payments and ``payments.crypto``; raises ``ValueError`` until tokens are stored."""
-        return self._wrap("payments", AsyncPaymentsClient)
-
-    @property
-    def usage(self) -> AsyncUsageClient:
-        """Usage metering; raises ``ValueError`` until tokens are stored."""
-        return self._wrap("usage", AsyncUsageClient)
-
-    @property
-    def secure_messages(self) -> AsyncSecureMessagesClient:
-        """Secure messages; raises ``ValueError`` until tokens are stored."""
-        return self._wrap("secure_messages", AsyncSecureMessagesClient)
-
-    @property
-    def whitelist(self) -> AsyncWhitelistClient:
-        """The whitelist (``check`` works without tokens; the rest needs them)."""
-        return self._wrap("whitelist", AsyncWhitelistClient)
-
-    @property
-    def entitlements(self) -> AsyncEntitlementsClient:
-        """Entitlements (lookups work without tokens; grants need an admin's)."""
-        return self._wrap("entitlements", AsyncEntitlementsClient)
-
-    @property
-    def metrics(self) -> AsyncMetricsClient:
-        """Health and metrics (no credentials sent)."""
-        return self._wrap("metrics", AsyncMetricsClient)
 
     def get_tokens(self) -> Optional[StoredTokens]:
         """The stored tokens, or ``None``."""
@@ -5373,12 +4821,11 @@ class AsyncSpapsClient:
         """Forget the stored tokens."""
         self._sync.clear_tokens()
 
-    def _wrap(self, name: str, kind: Type[_A]) -> _A:
-        sync = getattr(self._sync, name)  # performs the same token check as the sync client
-        wrapped = self._wrapped.get(name)
+    def _service(self, slot: _ServiceSlot[Any, Any]) -> Any:
+        sync = self._sync._service(slot)  # the same token check as the sync client
+        wrapped = self._services.get(slot.name)
         if wrapped is None:
-            wrapped = self._wrapped.setdefault(name, kind._wrap(sync))
-        assert isinstance(wrapped, kind)
+            wrapped = self._services.setdefault(slot.name, slot.async_._wrap(sync, self._runner))
         return wrapped
 
 
@@ -5397,7 +4844,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     timeout); 4 not signed in (no stored tokens, or they were rejected). With
     ``--json`` every outcome, errors included, is one JSON document on stdout.
     """
-    import argparse
+    import argparse  # only the command line needs it
 
     parser = argparse.ArgumentParser(
         prog="python -m spaps_client",
@@ -5438,8 +4885,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _run_command(client: SpapsClient, storage: FileTokenStorage, command: str,
                  as_json: bool) -> int:
-    import json
-
     if command in ("health", "ready"):
         document = client.metrics.health() if command == "health" else client.metrics.readiness()
         # SPAPS wraps the verdict in "data"; older servers answered it at the top.
@@ -5493,8 +4938,6 @@ def _print_error(as_json: bool, exit_code: int, message: str,
 
 
 def _as_json(document: Any) -> str:
-    import json
-
     def encode(value: Any) -> Any:
         if isinstance(value, datetime):
             return value.isoformat()

@@ -2,7 +2,9 @@
 
 Every test talks real HTTP over loopback to ``spaps_mock`` (or to a port nobody listens on) and
 injects faults on the server side; nothing in ``urllib``/``http.client``/``socket`` is patched.
-Delays are kept tiny (``backoff_factor=0.01``) except where a test proves that a wait happened.
+Delays are kept tiny (``backoff_factor=0.01``); a test that proves how long the client waits or
+when it stops gives it a ``FakeTime`` (injected clock and sleep) and asserts the waits it asked
+for, never the wall clock.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 from conftest import grant_usage, user_id_of
-from loopback import client_factory, closed_port, timed_call
+from loopback import FakeTime, Wire, client_factory, closed_port
 
 from spaps_client import (
     LoggingHooks,
@@ -250,31 +252,35 @@ def test_transport_failure_on_get_is_retried_by_default(
 def test_retry_after_seconds_is_honoured(
     server: MockServer, make_client: Callable[..., SpapsClient], log: HookLog
 ) -> None:
-    client = make_client(retry_config=fast(), logging_hooks=log.hooks)
+    """The retry waits exactly what the server asked for, not the (much shorter) back-off."""
+    fake = FakeTime()
+    client = make_client(http_client=fake.http_client(
+        server.url, retry_config=fast(), logging_hooks=log.hooks))
     server.inject("GET", CURRENT, {"status": 503, "retry_after": "1"})
+    log.clear()
 
-    started = time.monotonic()
     client.sessions.get_current_session()
-    elapsed = time.monotonic() - started
 
-    assert elapsed >= 0.9, f"retried after {elapsed:.3f}s although the server said 1 s"
+    assert fake.sleeps == [1.0]
+    assert log.of("backoff") == [("backoff", 1.0, 2)]
     assert server.request_count("GET", CURRENT) == 2
-    assert [delay for _, delay, _ in log.of("backoff")][-1] >= 0.9
 
 
 def test_retry_after_http_date_is_honoured(
     server: MockServer, make_client: Callable[..., SpapsClient]
 ) -> None:
-    client = make_client(retry_config=fast())
-    # HTTP-dates have one-second resolution: "now + 2 s" lies between 1 and 2 s ahead.
+    """A Retry-After date is waited out until that date (read against the wall clock)."""
+    fake = FakeTime()
+    client = make_client(http_client=fake.http_client(server.url, timeout=60.0,
+                                                      retry_config=fast()))
+    # HTTP-dates have one-second resolution: "now + 20 s" lies between 19 and 20 s ahead when
+    # it is written, and a moment less when the client reads it.
     server.inject("GET", CURRENT, {"status": 503,
-                                   "retry_after": formatdate(time.time() + 2, usegmt=True)})
+                                   "retry_after": formatdate(time.time() + 20, usegmt=True)})
 
-    started = time.monotonic()
     client.sessions.get_current_session()
-    elapsed = time.monotonic() - started
 
-    assert elapsed >= 0.9, f"retried after {elapsed:.3f}s although the server said ~2 s"
+    assert len(fake.sleeps) == 1 and 18.0 < fake.sleeps[0] <= 20.0, fake.sleeps
     assert server.request_count("GET", CURRENT) == 2
 
 
@@ -286,39 +292,44 @@ def test_retry_after_above_the_cap_fails_fast_with_retry_after(
     server: MockServer, make_client: Callable[..., SpapsClient], log: HookLog,
     method: str, path: str, call: Callable[[SpapsClient], Any], error: type[SpapsError],
 ) -> None:
-    client = make_client(retry_config=fast(max_retry_after=5.0), logging_hooks=log.hooks)
+    fake = FakeTime()
+    client = make_client(http_client=fake.http_client(
+        server.url, retry_config=fast(max_retry_after=5.0), logging_hooks=log.hooks))
     status = 503 if method == "GET" else 429
     server.inject(method, path, {"status": status, "retry_after": "3600"})
     log.clear()
 
-    started = time.monotonic()
     with pytest.raises(error) as caught:
         call(client)
-    elapsed = time.monotonic() - started
 
-    assert elapsed < 2.0
+    assert fake.sleeps == []  # not slept, not even in part
     assert caught.value.status_code == status
     if status == 429:
         assert caught.value.error_code == "RATE_LIMIT_EXCEEDED"
-    assert caught.value.retry_after == pytest.approx(3600, abs=1)
+    assert caught.value.retry_after == 3600
     assert caught.value.retryable is True
     assert server.request_count(method, path) == 1
-    assert log.of("give_up") and not log.of("retry")
+    assert log.of("give_up") == [("give_up", "retry-after too long", 1)]
+    assert not log.of("retry") and not log.of("backoff")
 
 
 def test_retry_after_beyond_the_call_deadline_fails_fast(
-    server: MockServer, make_client: Callable[..., SpapsClient]
+    server: MockServer, make_client: Callable[..., SpapsClient], log: HookLog
 ) -> None:
     """A wait the server asks for that the caller's budget cannot afford is not slept."""
-    client = make_client(retry_config=fast(), request_timeout=1.0)
+    fake = FakeTime()
+    # 20 s is under max_retry_after (30 s) but over the call's budget of 10 s.
+    client = make_client(http_client=fake.http_client(
+        server.url, timeout=10.0, retry_config=fast(), logging_hooks=log.hooks))
     server.inject("GET", CURRENT, {"status": 503, "retry_after": "20"})
+    log.clear()
 
-    started = time.monotonic()
     with pytest.raises(SessionError) as caught:
         client.sessions.get_current_session()
 
-    assert time.monotonic() - started < 2.0
-    assert caught.value.retry_after == pytest.approx(20, abs=1)
+    assert fake.sleeps == []
+    assert log.of("give_up") == [("give_up", "deadline reached", 1)]
+    assert caught.value.retry_after == 20
     assert server.request_count("GET", CURRENT) == 1
 
 
@@ -326,68 +337,98 @@ def test_retry_after_beyond_the_call_deadline_fails_fast(
 
 
 @pytest.mark.parametrize("fault", [
-    pytest.param({"status": 503, "delay": 0.3}, id="slow-503s"),
-    pytest.param({"drop": "after_read", "delay": 0.3}, id="slow-resets"),
+    pytest.param({"status": 503}, id="slow-503s"),
+    pytest.param({"drop": "after_read"}, id="slow-resets"),
 ])
 def test_retries_never_exceed_the_call_deadline(
-    server: MockServer, make_client: Callable[..., SpapsClient], fault: dict[str, Any]
+    server: MockServer, make_client: Callable[..., SpapsClient], log: HookLog,
+    fault: dict[str, Any],
 ) -> None:
-    client = make_client(retry_config=fast(max_attempts=20), request_timeout=1.0)
+    """Attempts allowed 20 times, each taking 2.5 s of a 10 s budget: the call stops at the
+    first retry whose back-off would end past the deadline, and each attempt is given only
+    the budget left."""
+    fake = FakeTime()
+    wire = Wire(fake)
+    config = RetryConfig(max_attempts=20, backoff_factor=0.5, jitter=False)
+    client = make_client(http_client=fake.http_client(
+        server.url, timeout=10.0, retry_config=config, logging_hooks=log.hooks,
+        transport=wire))
     server.inject("GET", CURRENT, *([fault] * 20))
+    wire.expect([2.5] * 20)
+    log.clear()
 
-    started = time.monotonic()
     with pytest.raises(SpapsError):
         client.sessions.get_current_session()
-    elapsed = time.monotonic() - started
 
-    assert elapsed < 1.6, f"a call with a 1 s budget took {elapsed:.2f}s"
-    assert 2 <= server.request_count("GET", CURRENT) <= 4
+    # 0 -> 2.5, sleep 0.5, 3 -> 5.5, sleep 1, 6.5 -> 9: a 2 s back-off would end at 11 s.
+    assert wire.timeouts() == [10.0, 7.0, 3.5]
+    assert fake.sleeps == [0.5, 1.0]
+    assert log.of("give_up") == [("give_up", "deadline reached", 3)]
+    assert fake.elapsed == 9.0
+    assert server.request_count("GET", CURRENT) == 3
 
 
 def test_refresh_and_retry_after_401_stay_within_the_call_budget(
-    server: MockServer, make_client: Callable[..., SpapsClient]
+    server: MockServer, make_client: Callable[..., SpapsClient], log: HookLog
 ) -> None:
     """The 401, the refresh and the replay are one call: together they get one budget."""
-    client = make_client(retry_config=fast(), request_timeout=1.0)
+    fake = FakeTime()
+    wire = Wire(fake)
+    config = RetryConfig(backoff_factor=2.0, jitter=False)
+    client = make_client(http_client=fake.http_client(
+        server.url, timeout=10.0, retry_config=config, logging_hooks=log.hooks,
+        transport=wire))
     server.expire_access_tokens()
-    server.inject("GET", CURRENT, {"delay": 0.45, "passthrough": True},
-                  {"delay": 0.45, "passthrough": True})
-    server.inject("POST", REFRESH, {"delay": 0.45, "passthrough": True})
+    server.inject("GET", CURRENT, {"passthrough": True}, {"status": 503})
+    wire.expect([4.0, 4.0, 1.0])  # the 401, the refresh, the replay (answered 503)
+    log.clear()
 
-    elapsed, outcome = timed_call(client.sessions.get_current_session)
+    with pytest.raises(SessionError) as caught:
+        client.sessions.get_current_session()
 
-    assert elapsed < 1.25, f"a call with a 1 s budget took {elapsed:.2f}s ({outcome})"
-    assert outcome != "returned"  # 1.35 s of server time cannot fit: the call must fail
+    # Each step is given what the one 10 s budget has left; with 1 s left after the replay,
+    # its 2 s back-off is not slept (a budget of its own would have let it retry).
+    assert [(method, path) for method, path, _ in wire.sent] == [
+        ("GET", CURRENT), ("POST", REFRESH), ("GET", CURRENT)]
+    assert wire.timeouts() == [10.0, 6.0, 2.0]
+    assert fake.sleeps == []
+    assert log.of("give_up") == [("give_up", "deadline reached", 1)]
+    assert caught.value.status_code == 503
+    assert server.request_count("POST", REFRESH) == 1
 
 
 def test_read_timeout_on_get_respects_the_budget(
-    server: MockServer, make_client: Callable[..., SpapsClient]
+    server: MockServer, make_client: Callable[..., SpapsClient], log: HookLog
 ) -> None:
-    client = make_client(retry_config=fast(), request_timeout=0.5)
-    server.inject("GET", CURRENT, {"delay": 1.2})
+    """A socket wait is bounded by the call's budget (real clock: the socket's own timeout),
+    and a read that used it all up is not retried."""
+    client = make_client(retry_config=fast(), request_timeout=0.5, logging_hooks=log.hooks)
+    server.inject("GET", CURRENT, {"delay": 1.2})  # answers, but only after the budget
+    log.clear()
 
-    started = time.monotonic()
     with pytest.raises(SpapsTimeoutError) as caught:
         client.sessions.get_current_session()
 
-    assert time.monotonic() - started < 1.1
     assert caught.value.status_code is None
+    assert log.of("error") == [("error", "SpapsTimeoutError", 1)]
+    assert log.of("give_up") == [("give_up", "deadline reached", 1)]
+    assert server.request_count("GET", CURRENT) == 1
 
 
 def test_max_backoff_caps_every_backoff(
     server: MockServer, make_client: Callable[..., SpapsClient], log: HookLog
 ) -> None:
-    config = RetryConfig(max_attempts=3, backoff_factor=120.0, max_backoff=0.05, jitter=False)
-    client = make_client(retry_config=config, logging_hooks=log.hooks)
+    fake = FakeTime()
+    config = RetryConfig(max_attempts=3, backoff_factor=120.0, max_backoff=2.0, jitter=False)
+    client = make_client(http_client=fake.http_client(
+        server.url, retry_config=config, logging_hooks=log.hooks))
     server.inject("GET", CURRENT, {"drop": "after_read"}, {"drop": "after_read"})
     log.clear()
 
-    started = time.monotonic()
     client.sessions.get_current_session()
 
-    assert time.monotonic() - started < 2.0
-    delays = [delay for _, delay, _ in log.of("backoff")]
-    assert len(delays) == 2 and all(0 < delay <= 0.05 for delay in delays), delays
+    assert fake.sleeps == [2.0, 2.0]  # not 120 s and 240 s
+    assert [delay for _, delay, _ in log.of("backoff")] == [2.0, 2.0]
     assert server.request_count("GET", CURRENT) == 3
 
 
@@ -637,7 +678,7 @@ def test_post_refused_once_then_served_is_processed_exactly_once(log: HookLog) -
             pair = client.auth.sign_in_with_password(email=DEMO_EMAIL, password=DEMO_PASSWORD)
         assert pair.access_token
         assert late and late[0].request_count("POST", LOGIN) == 1
-        assert log.of("error") == [("error", "SpapsTransportError", 1)]
+        assert log.of("error") == [("error", "SpapsConnectError", 1)]
     finally:
         for server in late:
             server.stop()
