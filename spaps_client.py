@@ -891,11 +891,12 @@ class HttpTransport:
     """
 
     def __init__(self, *, ssl_context: Optional[ssl.SSLContext] = None,
-                 pool_maxsize: int = 64) -> None:
+                 pool_maxsize: int = 256) -> None:
         if pool_maxsize < 1:
             raise ValueError("pool_maxsize must be at least 1")
         self.pool_maxsize = pool_maxsize
         self._ssl_context = ssl_context
+        self._full_store = False  # whether the system store must be loaded whole
         self._idle: Dict[Tuple[str, str, int], List[_Connection]] = {}
         self._routes: Dict[Tuple[str, str, int], _Route] = {}
         self._lock = threading.Lock()
@@ -984,20 +985,60 @@ class HttpTransport:
             if origin.scheme == "https":
                 if route.proxy is not None:
                     _open_tunnel(sock, route, deadline)
-                sock = self._tls_context().wrap_socket(sock, server_hostname=origin.host)
+                context = self._ssl_context or _system_tls_context(full=self._full_store)
+                sock = context.wrap_socket(sock, server_hostname=origin.host)
         except (OSError, _ProtocolError) as exc:
             if sock is not None:
                 sock.close()
+            if (type(exc).__name__ == "SSLCertVerificationError" and self._ssl_context is None
+                    and not self._full_store):
+                self._full_store = True  # the CA may be in the bundle file only: load it all
+                return self._connect(route, deadline)
             raise _transport_error(exc, None, sent=False, origin=origin) from None
         return _Connection(sock)
 
-    def _tls_context(self) -> ssl.SSLContext:
-        if self._ssl_context is None:
-            import ssl  # only https needs it
 
-            # The system trust store; OpenSSL also honours SSL_CERT_FILE / SSL_CERT_DIR.
-            self._ssl_context = ssl.create_default_context()
-        return self._ssl_context
+_system_tls_lock = threading.Lock()
+_system_tls: Dict[Tuple[bool, Optional[str], Optional[str]], ssl.SSLContext] = {}
+
+
+def _system_tls_context(*, full: bool) -> ssl.SSLContext:
+    """A context trusting the system's CA store, built once per process and shared.
+
+    Loading the whole CA bundle takes tens of milliseconds, on the first call of every
+    process. Where the store is also a hashed directory (Debian, Ubuntu, Alpine),
+    OpenSSL reads from it only the certificates a handshake needs; ``full=True`` loads
+    everything, the fallback when a certificate fails to verify against the directory.
+    ``SSL_CERT_FILE`` and ``SSL_CERT_DIR`` are honoured.
+    """
+    import ssl  # only https needs it
+
+    key = (full, os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+    with _system_tls_lock:
+        context = _system_tls.get(key)
+        if context is None:
+            directory = None if full else _hashed_ca_directory()
+            context = (ssl.create_default_context(capath=directory) if directory
+                       else ssl.create_default_context())
+            _system_tls[key] = context
+        return context
+
+
+def _hashed_ca_directory() -> Optional[str]:
+    """The system's CA directory if OpenSSL can look certificates up in it by hash."""
+    import ssl
+
+    directory = ssl.get_default_verify_paths().capath
+    if sys.platform == "win32" or "SSL_CERT_FILE" in os.environ or not directory:
+        return None
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return None
+    return directory if any(_HASHED_NAME.fullmatch(name) for name in names) else None
+
+
+_HASHED_NAME = re.compile(r"[0-9a-f]{8}\.[0-9]+")
 
 
 class _TunnelRefused(_ProtocolError):
@@ -1092,7 +1133,7 @@ class RetryClient:
         retry_config: Optional[Union[RetryConfig, Mapping[str, Any]]] = None,
         logging_hooks: Optional[Union[LoggingHooks, Mapping[str, Any]]] = None,
         ssl_context: Optional[ssl.SSLContext] = None, allow_insecure_http: bool = False,
-        pool_maxsize: int = 64, app_info: Optional[str] = None,
+        pool_maxsize: int = 256, app_info: Optional[str] = None,
         transport: Optional[HttpTransport] = None, clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep, random: Callable[[], float] = random.random,
     ) -> None:
@@ -1119,7 +1160,7 @@ class RetryClient:
     @property
     def pool_maxsize(self) -> int:
         """How many connections per origin the transport keeps (what async calls run on)."""
-        return int(getattr(self.transport, "pool_maxsize", 64))
+        return int(getattr(self.transport, "pool_maxsize", 256))
 
     def close(self) -> None:
         """Close the transport's connections; later calls fail."""
@@ -4773,7 +4814,7 @@ class AsyncSpapsClient(_Clients):
     """The async ``SpapsClient``: the same keywords and services, awaitable calls.
 
     Calls run in worker threads this client owns, one per pooled connection
-    (``RetryClient(pool_maxsize=...)``, 64 by default), over the same keep-alive
+    (``RetryClient(pool_maxsize=...)``, 256 by default), over the same keep-alive
     connections; use ``async with`` or ``await aclose()``, which stops them.
     """
 

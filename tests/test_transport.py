@@ -12,8 +12,10 @@ import base64
 import contextlib
 import http.client
 import json
+import shutil
 import socket
 import ssl
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -31,6 +33,7 @@ from spaps_client import (
     DEFAULT_TIMEOUT,
     AsyncSpapsClient,
     AuthError,
+    LoggingHooks,
     MetricsError,
     RetryConfig,
     SessionError,
@@ -448,11 +451,23 @@ def silent_server() -> Iterator[str]:
 
 
 def test_server_that_never_answers_times_out(silent_server: str) -> None:
-    with SpapsClient(base_url=silent_server, api_key=API_KEY, request_timeout=0.3) as spaps:
+    events: List[Tuple[str, str, int]] = []
+    hooks = LoggingHooks(
+        on_error=lambda request, exc, attempt: events.append(
+            (request.method, type(exc).__name__, attempt)),
+        on_give_up=lambda request, reason, attempt: events.append(
+            (request.method, reason, attempt)))
+    with SpapsClient(base_url=silent_server, api_key=API_KEY, request_timeout=0.3,
+                     logging_hooks=hooks) as spaps:
         with pytest.raises(SpapsTimeoutError) as caught:
             spaps.auth.sign_in_with_password(email=DEMO_EMAIL, password=DEMO_PASSWORD)
         with pytest.raises(SpapsTimeoutError):  # a GET, with retries, stays within the budget
             spaps.metrics.health()
+    assert events == [
+        ("POST", "SpapsTimeoutError", 1), ("POST", "not safe to send again", 1),
+        # the one wait used the whole budget: no time is left for a retry
+        ("GET", "SpapsTimeoutError", 1), ("GET", "deadline reached", 1),
+    ]
     error = caught.value
     assert isinstance(error, SpapsTransportError) and isinstance(error, SpapsError)
     assert not isinstance(error, OSError)
@@ -691,3 +706,26 @@ def test_localhost_is_trusted_over_plain_http(server: MockServer) -> None:
         spaps.auth.sign_in_with_password(email=DEMO_EMAIL, password=DEMO_PASSWORD)
     assert server.request_count("POST", "/api/auth/login") == 1
 
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="OpenSSL reads SSL_CERT_DIR by hash on POSIX")
+def test_a_hashed_ca_directory_is_enough_to_verify(monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path, tls_server: TLSServer,
+                                                   certificate: Tuple[Path, Path]) -> None:
+    """With the system store as a hashed directory (Debian, Ubuntu, Alpine), the client
+    trusts what is in it without loading a whole bundle first (docs/performance.md)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is not installed")
+    subject_hash = subprocess.run(
+        [openssl, "x509", "-hash", "-noout", "-in", str(certificate[0])],
+        capture_output=True, text=True, check=True).stdout.strip()
+    shutil.copy(certificate[0], tmp_path / f"{subject_hash}.0")
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path))
+    with SpapsClient(base_url=f"https://localhost:{tls_server.port}", api_key=API_KEY) as spaps:
+        assert spaps.metrics.health() == {"status": "healthy"}
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "elsewhere"))  # the CA is gone again
+    with SpapsClient(base_url=f"https://localhost:{tls_server.port}", api_key=API_KEY) as spaps, \
+            pytest.raises(SpapsTransportError, match="certificate"):
+        spaps.metrics.health()
