@@ -1358,7 +1358,24 @@ class _Model:
     not declare is kept in ``model_extra`` and readable as an attribute. Only a
     required field that is missing or unusable raises ``ValueError`` naming it.
     ``model_dump()`` turns the model back into a dict, extra keys included.
+
+    Models are declared ``@dataclass(repr=False, eq=False)``: ``repr`` (without the
+    fields marked ``repr=False``) and ``==`` come from here, once, rather than being
+    generated for each of sixty classes at import time.
     """
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{info.name}={getattr(self, info.name)!r}"
+                          for info in fields(self) if info.repr)  # type: ignore[arg-type]
+        return f"{type(self).__qualname__}({shown})"
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, info.name) == getattr(other, info.name)
+                   for info in fields(self))  # type: ignore[arg-type]
+
+    __hash__ = None  # type: ignore[assignment]  # equal by value and mutable, as dataclasses are
 
     @classmethod
     def model_validate(cls: Type[_M], obj: Any) -> _M:
@@ -1610,7 +1627,7 @@ _IS_ADMIN_ALIAS = {"alias": "isAdmin"}
 # --- Auth models ---
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class TokenUser(_Model):
     """The user a token pair was issued to."""
 
@@ -1628,7 +1645,7 @@ class TokenUser(_Model):
     is_admin: Optional[bool] = field(default=None, metadata=_IS_ADMIN_ALIAS)
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class TokenPair(_Model):
     """Access and refresh tokens from a sign-in or refresh; tokens hidden from ``repr``.
 
@@ -1644,7 +1661,7 @@ class TokenPair(_Model):
     recovery_codes_remaining: Optional[int] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class TotpEnrollment(_Model):
     """A TOTP secret to put in an authenticator app (or show as a QR code of
     ``provisioning_uri``); the secret and the URI are hidden from ``repr``."""
@@ -1655,7 +1672,7 @@ class TotpEnrollment(_Model):
     account_name: Optional[str] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class TotpActivation(_Model):
     """TOTP switched on: keep the one-time ``recovery_codes`` (hidden from ``repr``)."""
 
@@ -1663,7 +1680,7 @@ class TotpActivation(_Model):
     activated_at: Optional[datetime] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class AuthMethod(_Model):
     """A sign-in method of the application (``password``, ``magic_link``,
     ``wallet:ethereum``, ...) and whether it is enabled."""
@@ -1673,14 +1690,14 @@ class AuthMethod(_Model):
     config: Dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class AuthMethods(_Model):
     """The application's sign-in methods."""
 
     methods: List[AuthMethod] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class NonceResponse(_Model):
     """A wallet sign-in challenge: sign ``message`` with the wallet."""
 
@@ -1690,7 +1707,7 @@ class NonceResponse(_Model):
     expires_at: datetime
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class RegistrationTokens(_Model):
     """Tokens issued on registration or magic-link sign-in; hidden from ``repr``."""
 
@@ -1699,7 +1716,7 @@ class RegistrationTokens(_Model):
     expires_in: int
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class RegistrationUser(_Model):
     """The user created by ``register`` or signed in by magic link."""
 
@@ -1714,7 +1731,7 @@ class RegistrationUser(_Model):
     is_admin: Optional[bool] = field(default=None, metadata=_IS_ADMIN_ALIAS)
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class RegistrationResponse(_Model):
     """Result of ``register``: the user and, when the server signs in at once, tokens."""
 
@@ -1723,7 +1740,7 @@ class RegistrationResponse(_Model):
     tokens: Optional[RegistrationTokens] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class MagicLinkSendResponse(_Model):
     """Confirmation that a magic link was sent."""
 
@@ -1735,14 +1752,14 @@ class MagicLinkSendResponse(_Model):
 class MagicLinkAuthResponse(RegistrationResponse):
     """Result of ``verify_magic_link``: the user, a message and the tokens."""
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class MessageResponse(_Model):
     """A plain confirmation message."""
 
     message: str
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class UserWallet(_Model):
     """A wallet linked to a user."""
 
@@ -1751,7 +1768,7 @@ class UserWallet(_Model):
     verified: Optional[bool] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class UserProfile(_Model):
     """The signed-in user (``auth.get_current_user``)."""
 
@@ -1767,7 +1784,7 @@ class UserProfile(_Model):
     is_admin: Optional[bool] = field(default=None, metadata=_IS_ADMIN_ALIAS)
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class SessionContext(_Model):
     """Who is signed in and what they may do: user, entitlements, wallets, MFA."""
 
@@ -1786,7 +1803,7 @@ class PasswordResetRequestResponse(MagicLinkSendResponse):
 # --- Session models ---
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class SessionSummary(_Model):
     """The session behind the current access token."""
 
@@ -1802,7 +1819,7 @@ class SessionSummary(_Model):
     idle_minutes: Optional[float] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class SessionValidationResult(_Model):
     """Whether the current session is valid."""
 
@@ -1813,7 +1830,7 @@ class SessionValidationResult(_Model):
     reason: Optional[str] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class SessionRecord(_Model):
     """One of the user's sessions, as listed by ``list_sessions``."""
 
@@ -1829,7 +1846,7 @@ class SessionRecord(_Model):
     is_current: Optional[bool] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class SessionListResult(_Model):
     """A page of sessions; ``total`` counts all of them."""
 
@@ -1845,7 +1862,7 @@ class SessionListResult(_Model):
         return {**obj, "sessions": sessions, "total": total}
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class SessionTouchResult(_Model):
     """Result of ``touch_session``."""
 
@@ -1854,7 +1871,7 @@ class SessionTouchResult(_Model):
     last_activity: Optional[datetime] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class SessionRevokeResult(_Model):
     """Result of ``revoke_session``."""
 
@@ -1865,7 +1882,7 @@ class SessionRevokeResult(_Model):
 # --- Payment models ---
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class CheckoutSession(_Model):
     """A Stripe checkout session: send the user to ``checkout_url``."""
 
@@ -1879,7 +1896,7 @@ class CheckoutSession(_Model):
     metadata: Optional[Dict[str, Any]] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class PaymentIntent(_Model):
     """A Stripe payment intent; ``client_secret`` is hidden from ``repr``."""
 
@@ -1888,7 +1905,7 @@ class PaymentIntent(_Model):
     status: Optional[str] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class WalletDeposit(_Model):
     """A recorded crypto wallet deposit."""
 
@@ -1900,7 +1917,7 @@ class WalletDeposit(_Model):
     confirmation_current: Optional[int] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class WalletTransaction(_Model):
     """A wallet deposit transaction and its confirmations."""
 
@@ -1914,7 +1931,7 @@ class WalletTransaction(_Model):
     completed_at: Optional[datetime] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class SubscriptionPlan(_Model):
     """The price a subscription is on."""
 
@@ -1922,7 +1939,7 @@ class SubscriptionPlan(_Model):
     interval: Optional[str] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class SubscriptionDetail(_Model):
     """A subscription and its plan."""
 
@@ -1950,7 +1967,7 @@ class SubscriptionDetail(_Model):
                 **obj}
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class SubscriptionList(_Model):
     """A page of the user's subscriptions."""
 
@@ -1958,7 +1975,7 @@ class SubscriptionList(_Model):
     has_more: bool = False
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class Price(_Model):
     """A price SPAPS manages; ``unit_amount`` in minor units (cents)."""
 
@@ -1972,7 +1989,7 @@ class Price(_Model):
     active: Optional[bool] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class Product(_Model):
     """A product of the application's catalogue and its default price."""
 
@@ -1987,7 +2004,7 @@ class Product(_Model):
     created_at: Optional[datetime] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class ProductList(_Model):
     """A page of products; ``total`` counts all of them."""
 
@@ -1995,7 +2012,7 @@ class ProductList(_Model):
     total: Optional[int] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class CheckoutSessionList(_Model):
     """A page of the user's checkout sessions."""
 
@@ -2003,7 +2020,7 @@ class CheckoutSessionList(_Model):
     has_more: bool = False
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class PortalSession(_Model):
     """A Stripe billing-portal session: send the user to ``url``."""
 
@@ -2012,7 +2029,7 @@ class PortalSession(_Model):
     return_url: Optional[str] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class PaymentRecord(_Model):
     """A payment in the user's history; ``amount`` in minor units (cents)."""
 
@@ -2026,7 +2043,7 @@ class PaymentRecord(_Model):
     metadata: Optional[Dict[str, Any]] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class PaymentHistory(_Model):
     """A page of the user's payments."""
 
@@ -2035,7 +2052,7 @@ class PaymentHistory(_Model):
     total_count: Optional[int] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class SubscriptionCancellation(_Model):
     """Result of ``cancel_subscription``."""
 
@@ -2046,7 +2063,7 @@ class SubscriptionCancellation(_Model):
     current_period_end: Optional[datetime] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class BalanceAmounts(_Model):
     """Available and pending balance in one currency."""
 
@@ -2055,7 +2072,7 @@ class BalanceAmounts(_Model):
     currency: str
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class UsageSummary(_Model):
     """Credits used in the current billing period."""
 
@@ -2065,7 +2082,7 @@ class UsageSummary(_Model):
     credits_remaining: Optional[int] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class BalanceOverview(_Model):
     """The user's balance, tier and usage."""
 
@@ -2075,7 +2092,7 @@ class BalanceOverview(_Model):
     tier_expires_at: Optional[datetime] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class PaymentMethodUpdateResult(_Model):
     """Result of ``update_payment_method``."""
 
@@ -2085,7 +2102,7 @@ class PaymentMethodUpdateResult(_Model):
     is_default: bool = False
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class CryptoInvoice(_Model):
     """A crypto invoice; ``amount`` is a decimal string such as ``"42.75"``."""
 
@@ -2105,7 +2122,7 @@ class CryptoInvoice(_Model):
     created_at: Optional[str] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class CryptoInvoiceStatus(_Model):
     """The settlement status of a crypto invoice."""
 
@@ -2121,7 +2138,7 @@ class CryptoInvoiceStatus(_Model):
     expires_at: Optional[str] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class CryptoReconcileJob(_Model):
     """The outcome of ``reconcile``: SPAPS 0.6 runs it at once (``reconciled``,
     ``message``); servers that schedule it answer ``job_id`` and ``scheduled_at``."""
@@ -2136,7 +2153,7 @@ class CryptoReconcileJob(_Model):
 # --- Usage models ---
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class UsagePeriod(_Model):
     """The billing period usage is counted in."""
 
@@ -2144,7 +2161,7 @@ class UsagePeriod(_Model):
     end: Optional[str] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class UsageFeature(_Model):
     """A metered feature: its key (``name``, JSON ``feature_key``), dimensions and limits."""
 
@@ -2162,7 +2179,7 @@ class UsageFeature(_Model):
     active_entitlements: List[str] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class UsageFeaturesResponse(_Model):
     """The user's metered features."""
 
@@ -2173,7 +2190,7 @@ class UsageFeaturesResponse(_Model):
     overage: Optional[Dict[str, Any]] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class UsageRecordUsage(_Model):
     """Usage of a feature after recording."""
 
@@ -2182,7 +2199,7 @@ class UsageRecordUsage(_Model):
     remaining: Optional[float] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class UsageRecordResult(_Model):
     """Result of ``record_usage``: the recorded event and the usage it brings the window to.
 
@@ -2202,7 +2219,7 @@ class UsageRecordResult(_Model):
     window_totals: Dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class UsageReason(_Model):
     """Why SPAPS decided as it did about a usage authorization."""
 
@@ -2211,7 +2228,7 @@ class UsageReason(_Model):
     details: Optional[Dict[str, Any]] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class UsageWindow(_Model):
     """The metering window a usage decision counts in."""
 
@@ -2220,7 +2237,7 @@ class UsageWindow(_Model):
     ends_at: Optional[datetime] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class UsageAuthorization(_Model):
     """SPAPS's decision on using a feature (``allowed``, ``allowed_with_warning``,
     ``blocked`` or ``escalate``); record the use with ``authorization_ref``."""
@@ -2246,7 +2263,7 @@ class UsageAuthorization(_Model):
         return self.decision in ("allowed", "allowed_with_warning")
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class UsageEvent(_Model):
     """One recorded use of a feature, as ``get_history`` lists it."""
 
@@ -2265,7 +2282,7 @@ class UsageEvent(_Model):
     recorded_at: Optional[datetime] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class UsageHistoryEntry(_Model):
     """Usage on one date."""
 
@@ -2274,7 +2291,7 @@ class UsageHistoryEntry(_Model):
     total_cost: Optional[float] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class UsageHistoryResponse(_Model):
     """Usage history over a period."""
 
@@ -2291,7 +2308,7 @@ class UsageHistoryResponse(_Model):
 # --- Entitlement models ---
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class Entitlement(_Model):
     """What a user (or company, org, ...) may use, from a purchase or a manual grant."""
 
@@ -2316,7 +2333,7 @@ class Entitlement(_Model):
     updated_at: Optional[datetime] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class EntitlementClaimResult(_Model):
     """Entitlements bought for the user's e-mail before the account existed, now theirs."""
 
@@ -2342,7 +2359,7 @@ class ManualGrantParams:
 # --- Whitelist and secure message models ---
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class WhitelistEntry(_Model):
     """An email on the whitelist."""
 
@@ -2357,7 +2374,7 @@ class WhitelistEntry(_Model):
     updated_at: Optional[datetime] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class WhitelistCheckResult(_Model):
     """Whether an email is whitelisted; ``entry`` is ``None`` when it is not."""
 
@@ -2365,7 +2382,7 @@ class WhitelistCheckResult(_Model):
     entry: Optional[WhitelistEntry] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class WhitelistListResult(_Model):
     """A page of whitelist entries."""
 
@@ -2384,7 +2401,7 @@ class WhitelistListResult(_Model):
 class WhitelistMessage(MessageResponse):
     """A whitelist confirmation message."""
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class SecureMessage(_Model):
     """A secure message between a patient and a practitioner."""
 
@@ -2397,7 +2414,7 @@ class SecureMessage(_Model):
     created_at: Optional[str] = None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class SpapsWebhookPayload(_Model):
     """A verified SPAPS webhook event."""
 
