@@ -778,7 +778,7 @@ def _is_loopback(host: str) -> bool:
 class _Origin:
     """Scheme, host and port of a URL; the key connections are pooled under."""
 
-    __slots__ = ("authority", "host", "key", "port", "scheme")
+    __slots__ = ("authority", "host", "key", "plain_remote", "port", "scheme")
 
     def __init__(self, scheme: str, host: str, port: int) -> None:
         self.scheme = scheme
@@ -787,6 +787,7 @@ class _Origin:
         self.key = (scheme, host, port)
         name = f"[{host}]" if ":" in host else host
         self.authority = name if port == (443 if scheme == "https" else 80) else f"{name}:{port}"
+        self.plain_remote = scheme == "http" and not _is_loopback(host)
 
     @classmethod
     def parse(cls, url: str) -> Tuple[_Origin, str]:
@@ -809,6 +810,21 @@ class _Origin:
             raise SpapsConfigurationError(f"URL has a bad port: {_redact_url(url)!r}")
         port = int(port_text) if port_text else (443 if scheme == "https" else 80)
         return cls(scheme, host, port), "/" + target if slash else "/"
+
+
+_ORIGINS: Dict[str, _Origin] = {}
+
+
+def _split_url(url: str) -> Tuple[_Origin, str]:
+    """``_Origin.parse``, with each ``scheme://authority`` parsed once per process."""
+    end = url.find("/", url.find("://") + 3)
+    prefix, target = (url, "/") if end < 0 else (url[:end], url[end:])
+    origin = _ORIGINS.get(prefix)
+    if origin is None:
+        origin = _Origin.parse(prefix)[0]
+        if len(_ORIGINS) < 512:  # a bound, for programs that call many hosts
+            _ORIGINS[prefix] = origin
+    return origin, target
 
 
 def _proxy_for(origin: _Origin) -> Optional[str]:
@@ -905,7 +921,7 @@ class HttpTransport:
     def send(self, request: HttpRequest, *, timeout: float) -> HttpResponse:
         """One exchange, all of it within ``timeout`` seconds; the body is read in full."""
         started = time.monotonic()
-        origin, target = _Origin.parse(request.url)
+        origin, target = _split_url(request.url)
         route = self._route(origin)
         headers = request.headers
         if route.proxy is not None and origin.scheme == "http":
@@ -1154,7 +1170,6 @@ class RetryClient:
         self.transport = transport or HttpTransport(ssl_context=ssl_context,
                                                     pool_maxsize=pool_maxsize)
         self.clock, self.sleep, self.random = clock, sleep, random
-        self._plain_remote: Dict[str, bool] = {}
         self._quota = _RetryQuota(self.retry_config.retry_quota)
 
     @property
@@ -1190,7 +1205,8 @@ class RetryClient:
         request = HttpRequest(method, url, all_headers, body, idempotency_key)
         self._refuse_plain_credentials(url, all_headers)
         hooks, config = self.logging_hooks, self.retry_config
-        observed = any(getattr(hooks, name.name) for name in fields(hooks))
+        observed = (hooks.on_request or hooks.on_response or hooks.on_error or hooks.on_retry
+                    or hooks.on_backoff or hooks.on_give_up)
         shown = request.redacted() if observed else request  # what hooks may see
         _fire(hooks.on_request, shown)
         budget = float(timeout) if timeout else self.timeout
@@ -1259,19 +1275,12 @@ class RetryClient:
 
     def _refuse_plain_credentials(self, url: str, headers: Mapping[str, str]) -> None:
         """Credentials never cross plain HTTP to a remote host unless allowed."""
-        end = url.find("/", url.find("://") + 3)
-        prefix = url if end < 0 else url[:end]
-        plain_remote = self._plain_remote.get(prefix)
-        if plain_remote is None:  # parsed once per origin
-            origin = _Origin.parse(url)[0]
-            plain_remote = origin.scheme == "http" and not _is_loopback(origin.host)
-            self._plain_remote[prefix] = plain_remote
-        if plain_remote and not self.allow_insecure_http and any(
+        origin = _split_url(url)[0]
+        if origin.plain_remote and not self.allow_insecure_http and any(
                 name.lower() in ("authorization", "x-api-key") for name in headers):
-            host = _Origin.parse(url)[0].host
             raise SpapsConfigurationError(
-                f"refusing to send credentials over plain HTTP to {host}; use https:// or "
-                "pass allow_insecure_http=True if this network is trusted")
+                f"refusing to send credentials over plain HTTP to {origin.host}; use https:// "
+                "or pass allow_insecure_http=True if this network is trusted")
 
     def _send_following_redirects(self, request: HttpRequest, deadline: float
                                   ) -> HttpResponse:
@@ -1279,14 +1288,14 @@ class RetryClient:
 
         Every hop shares the one deadline; credentials never follow to another origin.
         """
-        origin = _Origin.parse(request.url)[0]
+        origin = _split_url(request.url)[0]
         for _ in range(5):
             response = self.transport.send(request, timeout=deadline - self.clock())
             location = response.headers.get("location")
             if response.status_code not in (307, 308) or not location:
                 return response
             next_url = urljoin(request.url, location)
-            if _Origin.parse(next_url)[0].key != origin.key:
+            if _split_url(next_url)[0].key != origin.key:
                 return response
             request = HttpRequest(request.method, next_url, request.headers, request.body,
                                   request.idempotency_key)
