@@ -448,7 +448,7 @@ class WebhookVerificationError(SpapsError, ValueError):
 
 _MAX_HEAD = 65536
 _MAX_BODY = 16 * 1024 * 1024
-_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+_TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")  # RFC 9110 section 5.6.2
 _STATUS_LINE = re.compile(rb"HTTP/1\.([0-9]) ([0-9]{3})(?: [\t \x21-\x7e\x80-\xff]*)?")
 # field-name ":" OWS field-value OWS; a value is visible characters with inner spaces.
 _FIELD_LINE = re.compile(
@@ -468,7 +468,7 @@ class _ProtocolError(Exception):
 def _encode_request(method: str, target: str, host: str, headers: Mapping[str, str],
                     body: Optional[bytes]) -> bytes:
     """The request head (and body) as bytes; refuses anything that could split it."""
-    if not _TOKEN.fullmatch(method.encode("latin-1", "replace")):
+    if not _TOKEN.fullmatch(method):
         raise SpapsConfigurationError(f"not an HTTP method: {method!r}")
     if not target.isascii() or not target.isprintable() or " " in target:
         raise SpapsConfigurationError("the URL contains a space, a line break or a non-ASCII "
@@ -477,8 +477,7 @@ def _encode_request(method: str, target: str, host: str, headers: Mapping[str, s
     for name, value in headers.items():
         if name.lower() in _FRAMING_HEADERS:
             raise SpapsConfigurationError(f"the {name} header is set by the client itself")
-        if not _TOKEN.fullmatch(name.encode("latin-1", "replace")) or not (
-                value.replace("\t", " ").isprintable()):
+        if not _TOKEN.fullmatch(name) or not value.replace("\t", " ").isprintable():
             raise SpapsConfigurationError(
                 f"header {name!r} has a line break or control character; refusing to send a "
                 "request that could be split")
