@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
-import hmac
 import json
 import os
 import random
@@ -56,6 +54,7 @@ from typing import (
     Generic,
     List,
     Optional,
+    Protocol,
     Tuple,
     Type,
     TypeVar,
@@ -94,7 +93,8 @@ __all__ = [
     "MetricsError", "WebhookVerificationError", "MfaRequiredError", "EntitlementsError",
     "TokenStorageError",
     # transport and retries
-    "HttpRequest", "HttpResponse", "HttpTransport", "RetryClient", "RetryAsyncClient",
+    "HttpRequest", "HttpResponse", "Transport", "HttpTransport", "RetryClient",
+    "RetryAsyncClient",
     "create_http_client",
     # models
     "NonceResponse", "TokenPair", "TokenUser", "RegistrationTokens", "RegistrationUser",
@@ -895,6 +895,21 @@ class _Connection:
         return False  # end of file, or bytes nobody asked for: unusable either way
 
 
+class Transport(Protocol):
+    """What ``RetryClient(transport=...)`` needs: one exchange per ``send``, and ``close``.
+
+    ``send`` returns the response with its body read, or raises ``SpapsTransportError``
+    (``SpapsConnectError`` when the request provably never left, which lets the retry
+    policy send any method again). ``HttpTransport`` is the built-in one.
+    """
+
+    def send(self, request: HttpRequest, *, timeout: float) -> HttpResponse:
+        """One exchange within ``timeout`` seconds."""
+
+    def close(self) -> None:
+        """Release connections; later sends may fail."""
+
+
 class HttpTransport:
     """Sends one request at a time per connection over pooled keep-alive HTTP/1.1
     connections, through the environment's proxy and over TLS for https.
@@ -923,10 +938,11 @@ class HttpTransport:
         origin, target = _split_url(request.url)
         route = self._route(origin)
         headers = request.headers
-        if route.proxy is not None and origin.scheme == "http":
-            target, headers = request.url.split("#", 1)[0], {**headers, **route.proxy_headers}
+        if route.proxy is not None and origin.scheme == "http":  # absolute form, no userinfo
+            target = f"http://{origin.authority}{target}"
+            headers = {**headers, **route.proxy_headers}
         data = _encode_request(request.method, target, origin.authority, headers, request.body)
-        conn = self._acquire(route, started + timeout)
+        conn = self._acquire(route, started + timeout, request)
         conn.reader.deadline = started + timeout
         status, response_headers = 0, _NO_HEADERS  # filled in as the response arrives
         try:
@@ -965,7 +981,7 @@ class HttpTransport:
             route = self._routes[origin.key] = _Route(origin)
         return route
 
-    def _acquire(self, route: _Route, deadline: float) -> _Connection:
+    def _acquire(self, route: _Route, deadline: float, request: HttpRequest) -> _Connection:
         """An idle connection that is still open, else a new one."""
         with self._lock:
             if self._closed:
@@ -976,7 +992,7 @@ class HttpTransport:
                 if conn.still_open():
                     return conn
                 conn.sock.close()
-        return self._connect(route, deadline)
+        return self._connect(route, deadline, request)
 
     def _release(self, origin: _Origin, conn: _Connection) -> None:
         with self._lock:
@@ -986,7 +1002,7 @@ class HttpTransport:
                 return
         conn.sock.close()
 
-    def _connect(self, route: _Route, deadline: float) -> _Connection:
+    def _connect(self, route: _Route, deadline: float, request: HttpRequest) -> _Connection:
         """Open a connection (through a proxy if configured); failures are connect errors."""
         origin = route.origin
         peer = route.proxy or origin
@@ -1008,8 +1024,8 @@ class HttpTransport:
             if (type(exc).__name__ == "SSLCertVerificationError" and self._ssl_context is None
                     and not self._full_store):
                 self._full_store = True  # the CA may be in the bundle file only: load it all
-                return self._connect(route, deadline)
-            raise _transport_error(exc, None, sent=False, origin=origin) from None
+                return self._connect(route, deadline, request)
+            raise _transport_error(exc, request, sent=False) from None
         return _Connection(sock)
 
 
@@ -1075,13 +1091,11 @@ def _open_tunnel(sock: socket.socket, route: _Route, deadline: float) -> None:
         raise _TunnelRefused(f"proxy refused the tunnel to {authority} (HTTP {status})")
 
 
-def _transport_error(exc: BaseException, request: Optional[HttpRequest], *, sent: bool,
-                     origin: Optional[_Origin] = None) -> SpapsError:
+def _transport_error(exc: BaseException, request: HttpRequest, *, sent: bool) -> SpapsError:
     """Wrap a socket, TLS or protocol failure; say whether the request may have arrived."""
     if isinstance(exc, SpapsError):
         return exc
-    what = (f"{request.method} {_redact_url(request.url)}" if request is not None
-            else f"connecting to {origin.authority if origin else '?'}")
+    what = f"{request.method} {_redact_url(request.url)}"
     kind: Type[SpapsTransportError] = SpapsTransportError if sent else SpapsConnectError
     retryable = True
     if isinstance(exc, (TimeoutError, socket.timeout)):
@@ -1149,7 +1163,7 @@ class RetryClient:
         logging_hooks: Optional[Union[LoggingHooks, Mapping[str, Any]]] = None,
         ssl_context: Optional[ssl.SSLContext] = None, allow_insecure_http: bool = False,
         pool_maxsize: int = 256, app_info: Optional[str] = None,
-        transport: Optional[HttpTransport] = None, clock: Callable[[], float] = time.monotonic,
+        transport: Optional[Transport] = None, clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep, random: Callable[[], float] = random.random,
     ) -> None:
         if not timeout or timeout <= 0:
@@ -1166,7 +1180,7 @@ class RetryClient:
         self.retry_config = _coerce_config(retry_config, RetryConfig) or RetryConfig()
         self.logging_hooks = _coerce_config(logging_hooks, LoggingHooks) or LoggingHooks()
         self.allow_insecure_http = allow_insecure_http
-        self.transport = transport or HttpTransport(ssl_context=ssl_context,
+        self.transport: Transport = transport or HttpTransport(ssl_context=ssl_context,
                                                     pool_maxsize=pool_maxsize)
         self.clock, self.sleep, self.random = clock, sleep, random
         self._quota = _RetryQuota(self.retry_config.retry_quota)
@@ -2864,19 +2878,19 @@ class _StoredTokenSource(_TokenSource):
         # that a broken storage never costs the session the server already opened.
         self.unsaved: Optional[StoredTokens] = None
         self.last: Optional[StoredTokens] = None  # what peek() shows without reading storage
-        self._loaded = False
+        self.clock: Callable[[], float] = time.monotonic  # the HTTP client's, for deadlines
         self._local_lock = threading.RLock()
 
     def load(self) -> Optional[StoredTokens]:
         """The tokens to use: unsaved ones first, else the storage's."""
         tokens = self.unsaved if self.unsaved is not None else _storage_call(
             self.storage, "read tokens from", self.storage.load)
-        self.last, self._loaded = tokens, True
+        self.last = tokens
         return None if tokens is None else _copy_tokens(tokens)
 
     def save(self, tokens: StoredTokens) -> None:
         """Save ``tokens``; if the storage fails, keep them in memory and say so."""
-        self.last, self._loaded = _copy_tokens(tokens), True
+        self.last = _copy_tokens(tokens)
         try:
             _storage_call(self.storage, "save tokens to", self.storage.save, tokens)
         except TokenStorageError as exc:
@@ -2904,7 +2918,9 @@ class _StoredTokenSource(_TokenSource):
         return tokens.access_token
 
     def peek(self) -> Optional[str]:
-        tokens = self.last if self._loaded else self.load()
+        # Tokens seen before are trusted without reading the storage again; their absence is
+        # not, since another client or process may have signed in since.
+        tokens = self.last or self.load()
         return tokens.access_token if tokens else None
 
     def known_secrets(self) -> List[str]:
@@ -2924,7 +2940,7 @@ class _StoredTokenSource(_TokenSource):
         # Tokens only this process holds (the storage failed to save them) need no lock
         # shared with other processes, which a broken storage could not give anyway.
         guard = (self._local_lock if self.unsaved is not None
-                 else _StorageLock(self.storage, deadline - time.monotonic()))
+                 else _StorageLock(self.storage, deadline - self.clock()))
         with guard:
             tokens = self.load()
             if tokens is None:
@@ -4266,6 +4282,7 @@ class _Runner:
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self._executor: Optional[ThreadPoolExecutor] = None
+        self._closed = False
         self._lock = threading.Lock()
 
     async def run(self, function: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
@@ -4278,12 +4295,14 @@ class _Runner:
 
     def close(self) -> None:
         with self._lock:
-            executor, self._executor = self._executor, None
+            executor, self._executor, self._closed = self._executor, None, True
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
 
     def _pool(self) -> ThreadPoolExecutor:
         with self._lock:
+            if self._closed:
+                raise SpapsConfigurationError("the client is closed")
             if self._executor is None:
                 from concurrent.futures import ThreadPoolExecutor
 
@@ -4589,8 +4608,18 @@ def _signature_header(header: str) -> Tuple[Optional[str], List[str]]:
 
 
 def _webhook_digest(secret: str, timestamp: str, body: bytes) -> bytes:
+    """HMAC-SHA256 of ``<timestamp>.<body>``, the signature SPAPS webhooks carry."""
+    import hashlib  # only webhook receivers need them (a few milliseconds of import)
+    import hmac
+
     return hmac.new(secret.encode("utf-8"), timestamp.encode() + b"." + body,
                     hashlib.sha256).digest()
+
+
+def _same_digest(given: bytes, expected: bytes) -> bool:
+    import hmac
+
+    return hmac.compare_digest(given, expected)
 
 
 def verify_crypto_webhook_signature(*, body: Union[bytes, bytearray, str], signature: str,
@@ -4620,7 +4649,7 @@ def verify_crypto_webhook_signature(*, body: Union[bytes, bytearray, str], signa
     matched = False
     for candidate in candidates:
         try:
-            matched |= hmac.compare_digest(bytes.fromhex(candidate), expected)
+            matched |= _same_digest(bytes.fromhex(candidate), expected)
         except ValueError:
             continue
     if not matched:
@@ -4657,7 +4686,7 @@ def verify_spaps_webhook(body: Union[bytes, str], signature: str, secret: str, *
     if now - int(sent) > max_age_seconds:
         raise WebhookVerificationError("webhook signature expired", "SIGNATURE_EXPIRED")
     raw = body.encode("utf-8") if isinstance(body, str) else bytes(body)
-    if not hmac.compare_digest(bytes.fromhex(candidates[0]), _webhook_digest(secret, sent, raw)):
+    if not _same_digest(bytes.fromhex(candidates[0]), _webhook_digest(secret, sent, raw)):
         raise WebhookVerificationError("webhook signature does not match", "INVALID_SIGNATURE")
     try:
         payload = json.loads(raw)
@@ -4780,6 +4809,7 @@ class SpapsClient(_Clients):
             ssl_context=ssl_context, allow_insecure_http=allow_insecure_http, app_info=app_info)
         self._owns_http = http_client is None
         self._tokens = _StoredTokenSource(self.token_storage)
+        self._tokens.clock = self.http_client.clock
         self._ctx = _Context(self.http_client, self.http_client.base_url
                              or self.settings.base_url, self.settings.api_key, self._tokens)
         self._services = {}
