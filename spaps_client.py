@@ -462,7 +462,21 @@ _FRAMING_HEADERS = frozenset({"host", "content-length", "transfer-encoding"})
 
 
 class _ProtocolError(Exception):
-    """The peer broke HTTP/1.1; the connection must not be used again."""
+    """The peer broke HTTP/1.1; the connection must not be used again.
+
+    ``status`` is the response's status when its status line was readable.
+    """
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _BodyTooLarge(_ProtocolError):
+    """A body beyond ``_MAX_BODY``: sending the request again would not make it smaller."""
+
+    def __init__(self) -> None:
+        super().__init__(f"the response body exceeds {_MAX_BODY} bytes")
 
 
 def _encode_request(method: str, target: str, host: str, headers: Mapping[str, str],
@@ -564,13 +578,14 @@ def _parse_fields(lines: List[bytes]) -> Dict[str, str]:
                 raise _ProtocolError("the first header line starts with whitespace")
             match = _FIELD_LINE.fullmatch(b"x:" + line)
             if match is None:
-                raise _ProtocolError(f"bad header continuation {line[:80]!r}")
+                raise _ProtocolError("bad header continuation line")
             value = fields_[name] + " " + match.group(2).decode("latin-1")
             fields_[name] = value.strip()
             continue
         match = _FIELD_LINE.fullmatch(line)
         if match is None:
-            raise _ProtocolError(f"bad header line {line[:80]!r}")
+            # Named, not quoted: the value may be a cookie or a token.
+            raise _ProtocolError(f"bad header line {line.split(b':')[0][:40]!r}")
         name = match.group(1).decode("ascii").lower()
         value = match.group(2).decode("latin-1")
         fields_[name] = f"{fields_[name]}, {value}" if name in fields_ else value
@@ -585,7 +600,11 @@ def _read_head(reader: _Reader) -> Tuple[int, int, Dict[str, str]]:
         if status_line is None:
             raise _ProtocolError(f"bad status line {lines[0][:80]!r}")
         minor, status = int(status_line.group(1)), int(status_line.group(2))
-        headers = _parse_fields(lines[1:])
+        try:
+            headers = _parse_fields(lines[1:])
+        except _ProtocolError as exc:
+            exc.status = status
+            raise
         if status == 101 or status < 100:
             raise _ProtocolError(f"unexpected status {status} (no protocol switch was asked)")
         if status >= 200:
@@ -623,7 +642,7 @@ def _read_body(reader: _Reader, method: str, minor: int, status: int,
     if size is None:
         return _read_until_close(reader), False
     if size > _MAX_BODY:
-        raise _ProtocolError(f"the response body exceeds {_MAX_BODY} bytes")
+        raise _BodyTooLarge()
     while len(reader.buffer) < size:
         if not reader.fill():
             raise _ProtocolError(
@@ -648,7 +667,7 @@ def _read_chunked(reader: _Reader) -> bytes:
                     return bytes(body)
                 trailers.append(line)
         if len(body) + size > _MAX_BODY:
-            raise _ProtocolError(f"the response body exceeds {_MAX_BODY} bytes")
+            raise _BodyTooLarge()
         while len(reader.buffer) < size + 2:
             if not reader.fill():
                 raise _ProtocolError("a chunk of the body was cut short")
@@ -660,7 +679,7 @@ def _read_chunked(reader: _Reader) -> bytes:
 def _read_until_close(reader: _Reader) -> bytes:
     while reader.fill():
         if len(reader.buffer) > _MAX_BODY:
-            raise _ProtocolError(f"the response body exceeds {_MAX_BODY} bytes")
+            raise _BodyTooLarge()
     return reader.take(len(reader.buffer))
 
 
@@ -777,7 +796,7 @@ def _is_loopback(host: str) -> bool:
 class _Origin:
     """Scheme, host and port of a URL; the key connections are pooled under."""
 
-    __slots__ = ("authority", "host", "key", "plain_remote", "port", "scheme")
+    __slots__ = ("authority", "host", "hostport", "key", "plain_remote", "port", "scheme")
 
     def __init__(self, scheme: str, host: str, port: int) -> None:
         self.scheme = scheme
@@ -785,7 +804,8 @@ class _Origin:
         self.port = port
         self.key = (scheme, host, port)
         name = f"[{host}]" if ":" in host else host
-        self.authority = name if port == (443 if scheme == "https" else 80) else f"{name}:{port}"
+        self.hostport = f"{name}:{port}"
+        self.authority = name if port == (443 if scheme == "https" else 80) else self.hostport
         self.plain_remote = scheme == "http" and not _is_loopback(host)
 
     @classmethod
@@ -943,6 +963,12 @@ class HttpTransport:
             headers = {**headers, **route.proxy_headers}
         data = _encode_request(request.method, target, origin.authority, headers, request.body)
         conn = self._acquire(route, started + timeout, request)
+        remaining = started + timeout - time.monotonic()
+        if remaining <= 0:  # nothing written yet: the request provably never left
+            self._release(origin, conn)
+            raise SpapsConnectTimeoutError(f"{request.method} {_redact_url(request.url)}: "
+                                           "the call's time budget ran out before sending")
+        conn.sock.settimeout(remaining)  # sendall too, on a reused connection
         conn.reader.deadline = started + timeout
         status, response_headers = 0, _NO_HEADERS  # filled in as the response arrives
         try:
@@ -953,9 +979,9 @@ class HttpTransport:
         except (OSError, _ProtocolError) as exc:
             conn.sock.close()
             error = _transport_error(exc, request, sent=True)
-            if status:  # the status line arrived: say what it was
-                error.status_code, error.request_id = status, response_headers.get("x-request-id")
-            raise error from None
+            error.status_code = status or getattr(exc, "status", 0) or None  # if it arrived
+            error.request_id = response_headers.get("x-request-id")
+            raise error from exc
         except BaseException:
             conn.sock.close()
             raise
@@ -1022,10 +1048,10 @@ class HttpTransport:
             if sock is not None:
                 sock.close()
             if (type(exc).__name__ == "SSLCertVerificationError" and self._ssl_context is None
-                    and not self._full_store):
+                    and not self._full_store and _hashed_ca_directory() is not None):
                 self._full_store = True  # the CA may be in the bundle file only: load it all
                 return self._connect(route, deadline, request)
-            raise _transport_error(exc, request, sent=False) from None
+            raise _transport_error(exc, request, sent=False) from exc
         return _Connection(sock)
 
 
@@ -1078,9 +1104,7 @@ class _TunnelRefused(_ProtocolError):
 
 def _open_tunnel(sock: socket.socket, route: _Route, deadline: float) -> None:
     """Ask an HTTP proxy for a CONNECT tunnel to ``route.origin``."""
-    origin = route.origin
-    authority = f"[{origin.host}]:{origin.port}" if ":" in origin.host else (
-        f"{origin.host}:{origin.port}")
+    authority = route.origin.hostport
     lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
     lines += [f"{name}: {value}" for name, value in route.proxy_headers.items()]
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
@@ -1091,10 +1115,9 @@ def _open_tunnel(sock: socket.socket, route: _Route, deadline: float) -> None:
         raise _TunnelRefused(f"proxy refused the tunnel to {authority} (HTTP {status})")
 
 
-def _transport_error(exc: BaseException, request: HttpRequest, *, sent: bool) -> SpapsError:
+def _transport_error(exc: BaseException, request: HttpRequest, *, sent: bool
+                     ) -> SpapsTransportError:
     """Wrap a socket, TLS or protocol failure; say whether the request may have arrived."""
-    if isinstance(exc, SpapsError):
-        return exc
     what = f"{request.method} {_redact_url(request.url)}"
     kind: Type[SpapsTransportError] = SpapsTransportError if sent else SpapsConnectError
     retryable = True
@@ -1109,13 +1132,11 @@ def _transport_error(exc: BaseException, request: HttpRequest, *, sent: bool) ->
         message, retryable = f"{what}: {exc}", False
     elif isinstance(exc, _ProtocolError):
         message = f"{what}: the response broke HTTP/1.1: {exc}"
-        retryable = "exceeds" not in str(exc)  # a larger body will not shrink
+        retryable = not isinstance(exc, _BodyTooLarge)
     else:
         state = "connection failed" if sent else "could not connect"
         message = f"{what}: {state}: {type(exc).__name__}: {exc}"
-    error = kind(message, retryable=retryable)
-    error.__cause__ = exc
-    return error
+    return kind(message, retryable=retryable)
 
 
 # =============================================================================
@@ -1162,7 +1183,7 @@ class RetryClient:
         retry_config: Optional[Union[RetryConfig, Mapping[str, Any]]] = None,
         logging_hooks: Optional[Union[LoggingHooks, Mapping[str, Any]]] = None,
         ssl_context: Optional[ssl.SSLContext] = None, allow_insecure_http: bool = False,
-        pool_maxsize: int = 256, app_info: Optional[str] = None,
+        pool_maxsize: Optional[int] = None, app_info: Optional[str] = None,
         transport: Optional[Transport] = None, clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep, random: Callable[[], float] = random.random,
     ) -> None:
@@ -1170,8 +1191,9 @@ class RetryClient:
             raise ValueError("timeout must be a positive number of seconds")
         if app_info is not None and (not app_info.strip() or not app_info.isprintable()):
             raise ValueError("app_info must be printable text such as 'billing-worker/1.4'")
-        if transport is not None and ssl_context is not None:
-            raise ValueError("ssl_context belongs to the transport you pass; set it there")
+        if transport is not None and (ssl_context is not None or pool_maxsize is not None):
+            raise ValueError("ssl_context and pool_maxsize belong to the transport you pass; "
+                             "set them there")
         self.user_agent = f"{_USER_AGENT} {app_info.strip()}" if app_info else _USER_AGENT
         self.base_url = base_url.rstrip("/")
         if self.base_url:
@@ -1180,8 +1202,8 @@ class RetryClient:
         self.retry_config = _coerce_config(retry_config, RetryConfig) or RetryConfig()
         self.logging_hooks = _coerce_config(logging_hooks, LoggingHooks) or LoggingHooks()
         self.allow_insecure_http = allow_insecure_http
-        self.transport: Transport = transport or HttpTransport(ssl_context=ssl_context,
-                                                    pool_maxsize=pool_maxsize)
+        self.transport: Transport = transport or HttpTransport(
+            ssl_context=ssl_context, pool_maxsize=pool_maxsize or 256)
         self.clock, self.sleep, self.random = clock, sleep, random
         self._quota = _RetryQuota(self.retry_config.retry_quota)
 
@@ -1239,6 +1261,9 @@ class RetryClient:
                 error = exc
                 replayable = error.retryable = exc.retryable and config.is_retryable(
                     request, None)
+            except SpapsError as exc:  # a closed client, a header refused before sending
+                _fire(hooks.on_error, shown, exc, attempt)
+                raise
             else:
                 if hooks.on_response is not None:
                     _fire(hooks.on_response, shown, response.redacted(), self.clock() - started,
@@ -1487,6 +1512,14 @@ def _aliases(info: Any) -> Tuple[str, ...]:
     alias = info.metadata.get("alias", ())
     names = (alias,) if isinstance(alias, str) else tuple(alias)
     return (*names, info.name) if info.name not in names else names
+
+
+def _counted(obj: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    """``obj``, its ``total`` defaulting to the length of the list under ``key``."""
+    items = obj.get(key)
+    if obj.get("total") is not None or not isinstance(items, list):
+        return obj
+    return {**obj, "total": len(items)}
 
 
 def _kind(value: Any) -> str:
@@ -1877,11 +1910,7 @@ class SessionListResult(_Model):
 
     @classmethod
     def _prepare(cls, obj: Mapping[str, Any]) -> Mapping[str, Any]:
-        sessions = obj.get("sessions") or []
-        total = obj.get("total")
-        if total is None:
-            total = len(sessions) if isinstance(sessions, list) else 0
-        return {**obj, "sessions": sessions, "total": total}
+        return _counted(obj, "sessions")
 
 
 @dataclass(repr=False, eq=False)
@@ -2413,11 +2442,7 @@ class WhitelistListResult(_Model):
 
     @classmethod
     def _prepare(cls, obj: Mapping[str, Any]) -> Mapping[str, Any]:
-        entries = obj.get("entries") or []
-        total = obj.get("total")
-        if total is None:
-            total = len(entries) if isinstance(entries, list) else 0
-        return {**obj, "entries": entries, "total": total}
+        return _counted(obj, "entries")
 
 
 class WhitelistMessage(MessageResponse):
@@ -3215,16 +3240,18 @@ class _Service:
                                  "client.auth.sign_in_with_password() or call set_tokens() first")
         response = self._send(method, url, auth, token, payload, headers, idempotency_key,
                               deadline)
+        sent = [token or ""]
         if response.status_code == 401 and token and not explicit:
             fresh = ctx.tokens.after_rejection(token, deadline)
             if fresh and fresh != token:
+                sent.append(fresh)
                 response = self._send(method, url, auth, fresh, payload, headers,
                                       idempotency_key, deadline)
-        return self._reply(response, lambda: self._secrets(token, body))
+        return self._reply(response, lambda: self._secrets(sent, body))
 
-    def _secrets(self, token: Optional[str], body: Any) -> List[str]:
+    def _secrets(self, tokens: List[str], body: Any) -> List[str]:
         """Every secret this call could have shown the server: key, tokens, body secrets."""
-        found = [self._ctx.api_key, token or "", *self._ctx.tokens.known_secrets()]
+        found = [self._ctx.api_key, *tokens, *self._ctx.tokens.known_secrets()]
         if isinstance(body, Mapping):
             found.extend(body[key] for key in _SECRET_FIELDS if isinstance(body.get(key), str))
         return found
@@ -3388,7 +3415,7 @@ class AuthClient(_Service):
 
     def refresh_tokens(self, *, refresh_token: str) -> TokenPair:
         """Exchange a refresh token for a new pair (the old refresh token stops working)."""
-        return self._token_pair(self._post("/refresh", {"refresh_token": refresh_token}))
+        return self._refresh_within(refresh_token, None)
 
     def register(self, *, email: str, password: str, username: Optional[str] = None,
                  phone_number: Optional[str] = None, referral_click_id: Optional[str] = None,
@@ -3467,10 +3494,10 @@ class AuthClient(_Service):
         return self._call("POST", self.AUTH_PREFIX + path, auth=auth, token=token, body=body,
                           deadline=deadline)
 
-    def _refresh_within(self, refresh_token: str, deadline: float) -> None:
-        """``refresh_tokens`` as one step of a larger call that owns ``deadline``."""
-        self._token_pair(self._post("/refresh", {"refresh_token": refresh_token},
-                                    deadline=deadline))
+    def _refresh_within(self, refresh_token: str, deadline: Optional[float]) -> TokenPair:
+        """``refresh_tokens``, as one step of a larger call when given its ``deadline``."""
+        return self._token_pair(self._post("/refresh", {"refresh_token": refresh_token},
+                                           deadline=deadline))
 
     def _token_pair(self, reply: _Reply) -> TokenPair:
         data = reply.data()
@@ -4740,6 +4767,9 @@ class _ServiceSlot(Generic[_Sync, _Async]):
             return self
         return client._service(self)
 
+    def __set__(self, client: _Clients, value: object) -> None:
+        raise AttributeError(f"{self.name} is a service of the client; it cannot be replaced")
+
 
 class _Clients:
     """What ``SpapsClient`` and ``AsyncSpapsClient`` share: their services, one table."""
@@ -4970,6 +5000,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         with client:
             return _run_command(client, storage, args.command, args.json)
     except SpapsTransportError as exc:
+        if exc.status_code is not None:  # it answered, in a way that broke HTTP/1.1
+            return _print_error(args.json, EXIT_FAILED, str(exc), exc)
         return _print_error(args.json, EXIT_UNREACHABLE, f"SPAPS unreachable: {exc}", exc)
     except (SpapsConfigurationError, ValueError) as exc:
         return _print_error(args.json, EXIT_USAGE, str(exc).replace(
