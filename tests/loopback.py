@@ -2,8 +2,9 @@
 
 ``QuietHandler``/``QuietServer``/``serving`` are the base of every small HTTP server the tests
 define next to their cases (scripted replies, proxies, TLS); the other helpers are the bits those
-tests kept writing again: a closed port, a self-signed certificate, a timed call, and a factory
-of signed-in clients that are closed at teardown.
+tests kept writing again: a closed port, a self-signed certificate, a factory of signed-in
+clients that are closed at teardown, and ``FakeTime``/``Wire``, which let a test drive a client's
+deadlines, back-off and ``Retry-After`` waits without waiting on the wall clock.
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from urllib.parse import urlsplit
 
 import pytest
 from conftest import DEMO_EMAIL, DEMO_PASSWORD
 
-from spaps_client import SpapsClient, SpapsError
+from spaps_client import HttpRequest, HttpResponse, HttpTransport, RetryClient, SpapsClient
 
 ServerT = TypeVar("ServerT", bound=ThreadingHTTPServer)
 
@@ -96,15 +97,81 @@ def self_signed_certificate(directory: Path, subject: str,
     return cert, key
 
 
-def timed_call(call: Callable[[], Any]) -> Tuple[float, str]:
-    """(seconds taken, "returned" or the name of the SpapsError subclass it raised)."""
-    started = time.monotonic()
-    try:
-        call()
-        outcome = "returned"
-    except SpapsError as exc:
-        outcome = type(exc).__name__
-    return time.monotonic() - started, outcome
+class FakeTime:
+    """A clock and a sleep for ``RetryClient(clock=..., sleep=...)``.
+
+    The clock stands still until the client sleeps (a sleep returns at once, moves the clock on
+    by its length and is recorded in ``sleeps``) or the test calls ``advance``. Socket reads
+    still use the real clock for their own timeouts: each is given ``deadline - clock()``.
+    """
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.start = self.now = start
+        self.sleeps: List[float] = []
+        self._lock = threading.Lock()
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        with self._lock:
+            self.sleeps.append(seconds)
+            self.now += seconds
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.now += seconds
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds the clock moved since it was made."""
+        return self.now - self.start
+
+    def http_client(self, base_url: str, *, timeout: float = 10.0,
+                    **kwargs: Any) -> RetryClient:
+        """A ``RetryClient`` on this clock and sleep, with jitter fixed at its middle."""
+        kwargs.setdefault("random", lambda: 0.5)
+        return RetryClient(base_url=base_url, timeout=timeout, clock=self.clock,
+                           sleep=self.sleep, **kwargs)
+
+
+class Wire:
+    """The real ``HttpTransport``, recording each exchange as (method, path, the seconds of
+    budget it was given).
+
+    With a ``FakeTime``, exchange *i* counted from the last ``expect`` takes ``costs[i]``
+    seconds of that clock (later ones none): the exchange itself is real and immediate, the
+    test decides how long it took.
+    """
+
+    def __init__(self, fake: Optional[FakeTime] = None) -> None:
+        self.inner = HttpTransport()
+        self.fake = fake
+        self.costs: List[float] = []
+        self.sent: List[Tuple[str, str, float]] = []
+        self._lock = threading.Lock()
+
+    def expect(self, costs: Sequence[float] = ()) -> None:
+        """Forget the exchanges so far; the next ones take ``costs`` seconds each."""
+        with self._lock:
+            self.sent.clear()
+            self.costs = list(costs)
+
+    def send(self, request: HttpRequest, *, timeout: float) -> HttpResponse:
+        with self._lock:
+            cost = self.costs[len(self.sent)] if len(self.sent) < len(self.costs) else 0.0
+            self.sent.append((request.method, urlsplit(request.url).path, timeout))
+        try:
+            return self.inner.send(request, timeout=timeout)
+        finally:
+            if self.fake is not None:
+                self.fake.advance(cost)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def timeouts(self) -> List[float]:
+        return [timeout for _, _, timeout in self.sent]
 
 
 @contextlib.contextmanager
@@ -125,3 +192,4 @@ def client_factory(default_url: str, api_key: str) -> Iterator[Callable[..., Spa
     finally:
         for client in made:
             client.close()
+            client.http_client.close()  # also one the test passed in (closing twice is fine)
