@@ -53,6 +53,9 @@ from typing import Any, Callable, Dict, List, Optional
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PEER_PYTHON = HERE / ".peer-venv" / "bin" / "python"
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+import run  # noqa: E402  (spawn-to-exit timing and the certificates, as run.py makes them)
 
 PROGRAM = """
 import sys, time
@@ -136,18 +139,8 @@ def step_by_step(runs: int) -> int:
 
 def spawn_wall(command: List[str], env: Dict[str, str]) -> float:
     """Seconds from spawning ``command`` to reaping it (``os.wait4``, no polling)."""
-    started = time.perf_counter()
-    process = subprocess.Popen(command, env=env, cwd=tempfile.gettempdir(),
-                               stdout=subprocess.DEVNULL)
-    if hasattr(os, "wait4"):
-        _, status, _ = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
-    else:
-        process.wait()
-    elapsed = time.perf_counter() - started
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command[:4])} ... exited with {process.returncode}")
-    return elapsed
+    return run.wall_time(command, env=env, stdout=subprocess.DEVNULL,
+                         shown=f"{' '.join(command[:4])} ...")
 
 
 def trust_bundle(cafile: str, directory: Path) -> Dict[str, Any]:
@@ -281,9 +274,6 @@ def tls_cold_start(peer_python: Optional[Path], port: int, cafile: str, runs: in
 
 
 def tls_main(runs: int, source_runs: int, trust: str = "directory") -> int:
-    sys.path.insert(0, str(HERE))
-    import run  # the certificates, made as run.py makes them
-
     notes: List[str] = []
     with tempfile.TemporaryDirectory(prefix="spaps-cold-certs-") as tmp:
         certs = run.make_certificates(Path(tmp), notes)

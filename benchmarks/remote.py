@@ -35,9 +35,7 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,13 +46,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import cold_start  # noqa: E402
-import run  # noqa: E402  (peer venv, certificates, machine description)
+import remote_worker  # noqa: E402  (the control document, read as the worker reads it)
+import run  # noqa: E402  (peer venv, certificates, server process, machine description)
 
 WORKER = HERE / "remote_worker.py"
 SERVER = HERE / "remote_server.py"
 RESULTS = HERE / "results"
 LAMBDA_RESULTS = RESULTS / "lambda_init.json"
-WORKER_TIMEOUT = 300.0
 CLIENTS = ("ours", "peer", "floor")
 
 # targets: (kind, value); "limit" ratios are ours / limit, "peer" ratios ours / peer
@@ -119,7 +117,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 # --- the server ---
 
 
-class RemoteServer:
+class RemoteServer(run.ServerProcess):
     """``benchmarks/remote_server.py`` in its own process, and its control port."""
 
     def __init__(self, certs: Dict[str, str], response_delay_ms: float,
@@ -127,60 +125,22 @@ class RemoteServer:
         command = [sys.executable, "-I", "-S", str(SERVER), "--cert", certs["cert"],
                    "--key", certs["key"], "--response-delay-ms", str(response_delay_ms),
                    "--connect-delay-ms", str(connect_delay_ms), "--nice", "-10"]
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True)
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line:
-            self.stop()
-            raise RuntimeError("the remote benchmark server did not start")
-        self.info: Dict[str, Any] = json.loads(line)
-        self.ports: Dict[str, int] = self.info["ports"]
+        super().__init__(command, "the remote benchmark server")
 
     def url(self, listener: str) -> str:
         return f"https://localhost:{self.ports[listener]}"
 
     def stats(self) -> Dict[str, Any]:
-        with socket.create_connection(("127.0.0.1", self.ports["control"]), timeout=10) as sock:
-            chunks = []
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-        return json.loads(b"".join(chunks))
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        for stream in (self.process.stdin, self.process.stdout):
-            if stream is not None:
-                stream.close()
+        return remote_worker.server_stats(self.ports["control"])
 
 
 # --- the rounds ---
 
 
-class Bench:
-    def __init__(self, plan: Dict[str, Any], peer_python: Optional[Path],
-                 server: RemoteServer, certs: Dict[str, str]) -> None:
-        self.plan = plan
-        self.peer_python = peer_python
-        self.server = server
-        self.certs = certs
-        self.clients = [c for c in CLIENTS if c != "peer" or peer_python is not None]
-        self.samples: Dict[str, Dict[str, List[Dict[str, Any]]]] = {}
-
-    def command(self, client: str) -> List[str]:
-        if client == "peer":
-            assert self.peer_python is not None
-            return [str(self.peer_python), "-I", str(WORKER), client]
-        return [sys.executable, "-I", "-S", str(WORKER), client]
+class Bench(run.WorkerBench):
+    script = WORKER
+    server: RemoteServer
+    certs: Dict[str, str]
 
     def worker(self, client: str, mode: str, **options: Any) -> Dict[str, Any]:
         options["url"] = self.server.url("remote")
@@ -190,16 +150,10 @@ class Bench:
         argv = self.command(client) + [mode] + [f"{k}={v}" for k, v in options.items()]
         before = self.server.stats()
         started = time.perf_counter()
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=WORKER_TIMEOUT,
-                              cwd=tempfile.gettempdir())
+        done = self.launch(argv)
         wall = time.perf_counter() - started
         after = self.server.stats()
-        if done.returncode != 0:
-            raise RuntimeError(f"worker failed: {' '.join(argv)}\n{done.stderr.strip()}")
-        report: Dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-        if report.get("third_party_importable"):
-            raise RuntimeError(f"{client} ran with third-party packages importable: "
-                               f"{report['third_party_importable']}")
+        report = self.report_of(client, argv, done)
         timers = after["server"]["timers"] - before["server"]["timers"]
         report["connections_opened"] = (after["remote"]["connections"]
                                         - before["remote"]["connections"])
@@ -230,7 +184,7 @@ class Bench:
                 shift = index % len(self.clients)
                 for client in self.clients[shift:] + self.clients[:shift]:
                     report = self.worker(client, mode, **dict(options))
-                    self.samples.setdefault(name, {}).setdefault(client, []).append(report)
+                    self.record(name, client, report)
             log(f"round {index + 1}/{rounds} done in {time.monotonic() - started:.1f}s "
                 f"(load average {run.load_average():.2f})")
 
@@ -267,31 +221,15 @@ class Row:
         for other, target in (("limit", self.limit_target), ("peer", self.peer_target)):
             if target is None:
                 continue
-            ratio = self.ratio(other)
-            ok = None if ratio is None else (ratio >= target if self.higher
-                                             else ratio <= target)
-            out.append((other, ok))
+            out.append((other, run.meets(self.higher, self.ratio(other), target)))
         return out
 
     def target_text(self) -> str:
-        sign = ">=" if self.higher else "<="
-        parts = []
-        if self.limit_target is not None:
-            parts.append(f"{sign} {self.limit_target:g} limit")
-        if self.peer_target is not None:
-            parts.append(f"{sign} {self.peer_target:g} peer")
-        return ", ".join(parts) or "-"
+        return run.target_text(self.higher, (("limit", self.limit_target),
+                                             ("peer", self.peer_target)))
 
     def outcome(self) -> str:
-        checks = self.checks()
-        if not checks:
-            return "-"
-        failed = [name for name, ok in checks if ok is False]
-        if failed:
-            return "FAIL" + ("" if len(checks) == 1 else f" ({', '.join(failed)})")
-        if any(ok is None for _, ok in checks):
-            return "n/a" if all(ok is None for _, ok in checks) else "PASS (partial)"
-        return "PASS"
+        return run.verdict(self.checks())
 
     def as_dict(self) -> Dict[str, Any]:
         return {

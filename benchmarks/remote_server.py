@@ -58,7 +58,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from server import MAX_HEAD, RESPONSE_404, ROUTES  # the same canned answers
+from server import MAX_HEAD, answer, content_length  # the same parsing and canned answers
 
 READ = select.EPOLLIN
 WRITE = select.EPOLLOUT
@@ -285,23 +285,16 @@ class Loop:
                 break
             head = buffer[:end]
             lower = head.lower()
-            length = 0
-            at = lower.find(b"\r\ncontent-length:")
-            if at >= 0:
-                stop = lower.find(b"\r\n", at + 2)
-                length = int(lower[at + 17: stop if stop >= 0 else None])
+            length = content_length(lower)
             if len(buffer) < end + 4 + length:
                 break
             buffer = buffer[end + 4 + length:]
-            request_line = head.split(b"\r\n", 1)[0]
-            answer = ROUTES.get(request_line.rsplit(b" ", 1)[0], RESPONSE_404)
-            close_after = (b"\r\nconnection: close" in lower
-                           or request_line.endswith(b"HTTP/1.0"))
+            reply, close_after = answer(head, lower)
             listener.requests += 1
             if listener.response_delay > 0:
-                self.at(arrival + listener.response_delay, conn, answer, close_after)
+                self.at(arrival + listener.response_delay, conn, reply, close_after)
             else:
-                self.send(conn, answer, close_after)
+                self.send(conn, reply, close_after)
         conn.buffer = buffer
 
     def send(self, conn: Connection, payload: bytes, close_after: bool = False) -> None:

@@ -1,6 +1,7 @@
 """One measurement of ``benchmarks/remote.py`` in a fresh process; prints one JSON line.
 
-Started by ``benchmarks/remote.py``, never imported. Usage::
+Started by ``benchmarks/remote.py`` (which imports ``server_stats`` from it); it shares
+``benchmarks/worker.py``'s helpers. Usage::
 
     python -I -S benchmarks/remote_worker.py CLIENT MODE key=value ...      # ours, floor
     .peer-venv/bin/python -I benchmarks/remote_worker.py peer MODE key=value ...
@@ -32,45 +33,19 @@ control listener; async only, so that the sync mode imports nothing the client w
 otherwise import on its first call).
 """
 
+import os
 import sys
 import time
 
-API_KEY = "bench_api_key"
-ACCESS_TOKEN = "bench_access_token"
-PATH = "/api/sessions/current"
-EXPECTED_SESSION = "sess_123"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import worker  # benchmarks/worker.py: imports nothing but sys and time
+from worker import ACCESS_TOKEN, API_KEY, EXPECTED_SESSION, PATH, session_id
+
+del sys.path[0]  # nothing else is looked up in benchmarks/
+
+OPTIONS = {"url": "", "cafile": "", "calls": "100", "concurrency": "1", "control": ""}
+PROG = "remote_worker.py"
 PEER_TIMEOUT = 10.0  # spaps 0.1.2's default request timeout (Settings.request_timeout)
-
-
-def parse_args(argv):
-    client, mode = argv[0], argv[1]
-    options = {"url": "", "cafile": "", "calls": "100", "concurrency": "1", "control": ""}
-    for item in argv[2:]:
-        key, _, value = item.partition("=")
-        if key not in options:
-            raise SystemExit(f"remote_worker.py: unknown option {key!r}")
-        options[key] = value
-    return client, mode, options
-
-
-def import_client(client):
-    if client == "ours":
-        import os  # loaded by the interpreter at start-up already
-
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        import spaps_client
-
-        return spaps_client
-    if client == "peer":
-        import spaps_client
-
-        return spaps_client
-    if client == "floor":
-        import http.client
-        import json
-
-        return (http.client, json)
-    raise SystemExit(f"remote_worker.py: unknown client {client!r}")
 
 
 def tls_context(cafile):
@@ -83,12 +58,6 @@ def host_port(url):
     rest = url.partition("://")[2].partition("/")[0]
     host, _, port = rest.rpartition(":")
     return host, int(port)
-
-
-def session_id(result):
-    if isinstance(result, dict):
-        return result.get("id")
-    return getattr(result, "session_id", None)
 
 
 def server_stats(port):
@@ -131,18 +100,7 @@ def make_sync(client, module, url, context):
     http_client, json = module
     host, port = host_port(url)
     conn = http_client.HTTPSConnection(host, port, timeout=10.0, context=context)
-    headers = {"X-API-Key": API_KEY, "Authorization": "Bearer " + ACCESS_TOKEN}
-    loads = json.loads
-
-    def call():
-        conn.request("GET", PATH, headers=headers)
-        response = conn.getresponse()
-        body = response.read()
-        if response.status != 200:
-            raise RuntimeError(f"floor: HTTP {response.status}")
-        return loads(body)["data"]["session"]
-
-    return call, conn.close
+    return worker.floor_call(conn, json), conn.close
 
 
 def run_sync(client, module, options, report):
@@ -153,16 +111,8 @@ def run_sync(client, module, options, report):
     cpu_start = time.process_time()
     start = perf_ns()
     call, close = make_sync(client, module, options["url"], context)
-    built = before = perf_ns()
-    first = None
-    for index in range(calls):
-        result = call()
-        now = perf_ns()
-        latencies[index] = now - before
-        before = now
-        if first is None:
-            first = result
-    end = before
+    built = perf_ns()
+    first, end = worker.timed_calls(call, latencies, built)
     cpu = time.process_time() - cpu_start
     close()
     if session_id(first) != EXPECTED_SESSION:
@@ -344,8 +294,8 @@ def run_async(client, module, options, report):
 
 
 def main(argv):
-    client, mode, options = parse_args(argv)
-    module = import_client(client)
+    client, mode, options = worker.parse_args(argv, OPTIONS, PROG)
+    module = worker.import_client(client, PROG)
     report = {"client": client, "mode": mode, "python": sys.version.split()[0]}
     if mode == "sync":
         run_sync(client, module, options, report)
@@ -353,20 +303,8 @@ def main(argv):
         run_async(client, module, options, report)
     else:
         raise SystemExit(f"remote_worker.py: unknown mode {mode!r}")
-    if client in ("ours", "floor"):  # checked afterwards: importlib.util is not free
-        import importlib.util
-
-        report["third_party_importable"] = [
-            name for name in ("httpx", "pydantic", "anyio", "h11", "certifi")
-            if importlib.util.find_spec(name) is not None
-        ]
-    if client == "peer":
-        report["peer_version"] = getattr(module, "__version__", "?")
-    import json
-
-    sys.stdout.write(json.dumps(report) + "\n")
-    sys.stdout.flush()
-    return 0
+    worker.describe_client(client, module, report)  # afterwards: importlib.util is not free
+    return worker.emit(report)
 
 
 if __name__ == "__main__":

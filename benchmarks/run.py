@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -202,34 +202,20 @@ def make_certificates(directory: Path, notes: List[str]) -> Optional[Dict[str, s
     return {"cafile": str(ca_pem), "cert": str(pem), "key": str(key)}
 
 
-class Server:
-    """``benchmarks/server.py`` in its own process, and its control port."""
+class ServerProcess:
+    """A benchmark server in its own process: its first stdout line is a JSON description
+    with its ``ports``; it stops on SIGTERM or when its standard input closes."""
 
-    def __init__(self, certs: Optional[Dict[str, str]], delay_ms: float) -> None:
-        command = [sys.executable, "-I", "-S", str(SERVER), "--delay-ms", str(delay_ms)]
-        if certs:
-            command += ["--cert", certs["cert"], "--key", certs["key"]]
+    def __init__(self, command: List[str], name: str) -> None:
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True)
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
         if not line:
             self.stop()
-            raise RuntimeError("the benchmark server did not start")
-        self.ports: Dict[str, int] = json.loads(line)["ports"]
-
-    def url(self, listener: str) -> str:
-        scheme = "https" if listener.startswith("tls") else "http"
-        host = "localhost" if scheme == "https" else "127.0.0.1"
-        return f"{scheme}://{host}:{self.ports[listener]}"
-
-    def stats(self) -> Dict[str, Dict[str, int]]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.ports["control"], timeout=10)
-        try:
-            conn.request("GET", "/stats")
-            return json.loads(conn.getresponse().read())
-        finally:
-            conn.close()
+            raise RuntimeError(f"{name} did not start")
+        self.info: Dict[str, Any] = json.loads(line)
+        self.ports: Dict[str, int] = self.info["ports"]
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -244,14 +230,40 @@ class Server:
                 stream.close()
 
 
+class Server(ServerProcess):
+    """``benchmarks/server.py`` in its own process, and its control port."""
+
+    def __init__(self, certs: Optional[Dict[str, str]], delay_ms: float) -> None:
+        command = [sys.executable, "-I", "-S", str(SERVER), "--delay-ms", str(delay_ms)]
+        if certs:
+            command += ["--cert", certs["cert"], "--key", certs["key"]]
+        super().__init__(command, "the benchmark server")
+
+    def url(self, listener: str) -> str:
+        scheme = "https" if listener.startswith("tls") else "http"
+        host = "localhost" if scheme == "https" else "127.0.0.1"
+        return f"{scheme}://{host}:{self.ports[listener]}"
+
+    def stats(self) -> Dict[str, Dict[str, int]]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.ports["control"], timeout=10)
+        try:
+            conn.request("GET", "/stats")
+            return json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+
+
 # --- running workers ---
 
 
-class Bench:
-    def __init__(self, args: argparse.Namespace, peer_python: Optional[Path],
-                 server: Server, certs: Optional[Dict[str, str]]) -> None:
-        self.plan = args.plan
-        self.delay_ms: float = args.handshake_delay_ms
+class WorkerBench:
+    """Runs a worker script (``script``) in a fresh process per measurement; keeps samples."""
+
+    script: Path = WORKER
+
+    def __init__(self, plan: Dict[str, Any], peer_python: Optional[Path],
+                 server: ServerProcess, certs: Optional[Dict[str, str]]) -> None:
+        self.plan = plan
         self.peer_python = peer_python
         self.server = server
         self.certs = certs
@@ -261,8 +273,35 @@ class Bench:
     def command(self, client: str) -> List[str]:
         if client == "peer":
             assert self.peer_python is not None
-            return [str(self.peer_python), "-I", str(WORKER), client]
-        return [sys.executable, "-I", "-S", str(WORKER), client]
+            return [str(self.peer_python), "-I", str(self.script), client]
+        return [sys.executable, "-I", "-S", str(self.script), client]
+
+    def launch(self, argv: List[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=WORKER_TIMEOUT,
+                              cwd=tempfile.gettempdir())
+
+    def report_of(self, client: str, argv: List[str],
+                  done: subprocess.CompletedProcess[str]) -> Dict[str, Any]:
+        """The worker's JSON report; an error if it failed or third-party code was importable."""
+        if done.returncode != 0:
+            raise RuntimeError(f"worker failed: {' '.join(argv)}\n{done.stderr.strip()}")
+        report: Dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        if report.get("third_party_importable"):
+            raise RuntimeError(f"{client} ran with third-party packages importable: "
+                               f"{report['third_party_importable']}")
+        return report
+
+    def record(self, scenario: str, client: str, report: Dict[str, Any]) -> None:
+        self.samples.setdefault(scenario, {}).setdefault(client, []).append(report)
+
+
+class Bench(WorkerBench):
+    server: Server
+
+    def __init__(self, args: argparse.Namespace, peer_python: Optional[Path],
+                 server: Server, certs: Optional[Dict[str, str]]) -> None:
+        super().__init__(args.plan, peer_python, server, certs)
+        self.delay_ms: float = args.handshake_delay_ms
 
     def worker(self, client: str, mode: str, listener: str, **options: Any) -> Dict[str, Any]:
         """Run one worker against ``listener`` and attach the server-side counts."""
@@ -272,21 +311,12 @@ class Bench:
             options["cafile"] = self.certs["cafile"]
         argv = self.command(client) + [mode] + [f"{k}={v}" for k, v in options.items()]
         before = self.server.stats()[listener]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=WORKER_TIMEOUT,
-                              cwd=tempfile.gettempdir())
+        done = self.launch(argv)
         after = self.server.stats()[listener]
-        if done.returncode != 0:
-            raise RuntimeError(f"worker failed: {' '.join(argv)}\n{done.stderr.strip()}")
-        report: Dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        report = self.report_of(client, argv, done)
         report["connections_opened"] = after["connections"] - before["connections"]
         report["requests_served"] = after["requests"] - before["requests"]
-        if report.get("third_party_importable"):
-            raise RuntimeError(f"{client} ran with third-party packages importable: "
-                               f"{report['third_party_importable']}")
         return report
-
-    def record(self, scenario: str, client: str, report: Dict[str, Any]) -> None:
-        self.samples.setdefault(scenario, {}).setdefault(client, []).append(report)
 
     def scenarios(self) -> List[Tuple[str, str, str, Dict[str, Any], Tuple[str, ...]]]:
         """(name, mode, listener, options, clients) of every per-round measurement."""
@@ -356,14 +386,16 @@ class Bench:
         return result
 
 
-def wall_time(command: List[str]) -> float:
+def wall_time(command: List[str], env: Optional[Dict[str, str]] = None,
+              stdout: Optional[int] = None, shown: Optional[str] = None) -> float:
     """Seconds from spawning ``command`` to reaping it.
 
     Not ``subprocess.run(timeout=...)``: its wait polls with growing sleeps, which rounds
-    short processes up to tens of milliseconds.
+    short processes up to tens of milliseconds. ``env`` and ``stdout`` go to ``Popen``;
+    ``shown`` names the command in the error (default: the whole command line).
     """
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=tempfile.gettempdir())
+    process = subprocess.Popen(command, env=env, cwd=tempfile.gettempdir(), stdout=stdout)
     if hasattr(os, "wait4"):
         _, status, _ = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
@@ -371,7 +403,8 @@ def wall_time(command: List[str]) -> float:
         process.wait()
     elapsed = time.perf_counter() - started
     if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} exited with {process.returncode}")
+        name = " ".join(command) if shown is None else shown
+        raise RuntimeError(f"{name} exited with {process.returncode}")
     return elapsed
 
 
@@ -382,6 +415,32 @@ def median_of(samples: Dict[str, Dict[str, List[Dict[str, Any]]]], scenario: str
               client: str, key: str) -> Optional[float]:
     values = [s[key] for s in samples.get(scenario, {}).get(client, []) if key in s]
     return statistics.median(values) if values else None
+
+
+def meets(higher: bool, ratio: Optional[float], target: float) -> Optional[bool]:
+    """Whether ``ratio`` reaches ``target`` (None: not measured)."""
+    if ratio is None:
+        return None
+    return ratio >= target if higher else ratio <= target
+
+
+def target_text(higher: bool, targets: Sequence[Tuple[str, Optional[float]]]) -> str:
+    """``>= 3 peer, >= 0.6 floor``: a row's targets (None: no target), or ``-``."""
+    sign = ">=" if higher else "<="
+    parts = [f"{sign} {target:g} {name}" for name, target in targets if target is not None]
+    return ", ".join(parts) or "-"
+
+
+def verdict(checks: List[Tuple[str, Optional[bool]]]) -> str:
+    """A row's result from its (target, met?) checks; None: not measured."""
+    if not checks:
+        return "-"
+    failed = [name for name, ok in checks if ok is False]
+    if failed:
+        return "FAIL" + ("" if len(checks) == 1 else f" ({', '.join(failed)})")
+    if any(ok is None for _, ok in checks):
+        return "n/a" if all(ok is None for _, ok in checks) else "PASS (partial)"
+    return "PASS"
 
 
 class Row:
@@ -404,18 +463,11 @@ class Row:
         return ours / theirs
 
     def meets(self, ratio: Optional[float], target: float) -> Optional[bool]:
-        if ratio is None:
-            return None
-        return ratio >= target if self.higher else ratio <= target
+        return meets(self.higher, ratio, target)
 
     def target_text(self) -> str:
-        sign = ">=" if self.higher else "<="
-        parts = []
-        if self.peer_target is not None:
-            parts.append(f"{sign} {self.peer_target:g} peer")
-        if self.floor_target is not None:
-            parts.append(f"{sign} {self.floor_target:g} floor")
-        return ", ".join(parts) or "-"
+        return target_text(self.higher, (("peer", self.peer_target),
+                                         ("floor", self.floor_target)))
 
     def outcome(self) -> str:
         checks = []
@@ -423,14 +475,7 @@ class Row:
             checks.append(("peer", self.meets(self.ratio("peer"), self.peer_target)))
         if self.floor_target is not None:
             checks.append(("floor", self.meets(self.ratio("floor"), self.floor_target)))
-        if not checks:
-            return "-"
-        failed = [name for name, ok in checks if ok is False]
-        if failed:
-            return "FAIL" + ("" if len(checks) == 1 else f" ({', '.join(failed)})")
-        if any(ok is None for _, ok in checks):
-            return "n/a" if all(ok is None for _, ok in checks) else "PASS (partial)"
-        return "PASS"
+        return verdict(checks)
 
     def as_dict(self) -> Dict[str, Any]:
         return {

@@ -77,6 +77,22 @@ RESPONSE_404 = _response("404 Not Found", NOT_FOUND)
 MAX_HEAD = 64 * 1024
 
 
+def content_length(lower: bytes) -> int:
+    """The Content-Length of a request head (lower-cased, without the blank line), or 0."""
+    at = lower.find(b"\r\ncontent-length:")
+    if at < 0:
+        return 0
+    stop = lower.find(b"\r\n", at + 2)
+    return int(lower[at + 17: stop if stop >= 0 else None])
+
+
+def answer(head: bytes, lower: bytes) -> tuple[bytes, bool]:
+    """The canned reply to a request head, and whether to close the connection after it."""
+    request_line = head.split(b"\r\n", 1)[0]
+    close_after = b"\r\nconnection: close" in lower or request_line.endswith(b"HTTP/1.0")
+    return ROUTES.get(request_line.rsplit(b" ", 1)[0], RESPONSE_404), close_after
+
+
 class Listener:
     """One listening socket; counts what it accepted and served."""
 
@@ -134,22 +150,17 @@ class Listener:
                 head = buffer[:end]
                 buffer = buffer[end + 4:]
                 lower = head.lower()
-                length = 0
-                at = lower.find(b"\r\ncontent-length:")
-                if at >= 0:
-                    stop = lower.find(b"\r\n", at + 2)
-                    length = int(lower[at + 17: stop if stop >= 0 else None])
+                length = content_length(lower)
                 while len(buffer) < length:
                     chunk = recv(65536)
                     if not chunk:
                         return
                     buffer += chunk
                 buffer = buffer[length:]
-                request_line = head.split(b"\r\n", 1)[0]
-                key = request_line.rsplit(b" ", 1)[0]
-                send(ROUTES.get(key, RESPONSE_404))
+                reply, close_after = answer(head, lower)
+                send(reply)
                 served += 1
-                if b"\r\nconnection: close" in lower or request_line.endswith(b"HTTP/1.0"):
+                if close_after:
                     return
         finally:
             with self.lock:

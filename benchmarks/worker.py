@@ -1,6 +1,7 @@
 """One benchmark measurement in a fresh process; prints one JSON line on stdout.
 
-Started by ``benchmarks/run.py``, never imported. Usage::
+Started by ``benchmarks/run.py``; ``benchmarks/remote_worker.py`` imports its helpers (it
+imports nothing but ``sys`` and ``time`` before the client). Usage::
 
     python -I -S benchmarks/worker.py CLIENT MODE key=value ...       # ours, floor
     .peer-venv/bin/python -I benchmarks/worker.py peer MODE key=value ...
@@ -49,13 +50,17 @@ def rss_kib() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
-def parse_args(argv):
+OPTIONS = {"url": "", "cafile": "", "warmup": "0", "calls": "1000", "concurrency": "1"}
+
+
+def parse_args(argv, defaults=OPTIONS, prog="worker.py"):
+    """``CLIENT MODE key=value ...``: (client, mode, ``defaults`` updated with the options)."""
     client, mode = argv[0], argv[1]
-    options = {"url": "", "cafile": "", "warmup": "0", "calls": "1000", "concurrency": "1"}
+    options = dict(defaults)
     for item in argv[2:]:
         key, _, value = item.partition("=")
         if key not in options:
-            raise SystemExit(f"worker.py: unknown option {key!r}")
+            raise SystemExit(f"{prog}: unknown option {key!r}")
         options[key] = value
     return client, mode, options
 
@@ -63,8 +68,8 @@ def parse_args(argv):
 # --- the three clients, each behind the same two small factories ---
 
 
-def import_client(client):
-    """Import what ``client`` needs; return the module (or None for the floor)."""
+def import_client(client, prog="worker.py"):
+    """Import what ``client`` needs; return the module (the floor: ``(http.client, json)``)."""
     if client == "ours":
         import os  # already loaded by the interpreter at start-up: costs nothing
 
@@ -81,7 +86,7 @@ def import_client(client):
         import json
 
         return (http.client, json)
-    raise SystemExit(f"worker.py: unknown client {client!r}")
+    raise SystemExit(f"{prog}: unknown client {client!r}")
 
 
 def tls_context(cafile):
@@ -131,6 +136,11 @@ def make_floor(module, url, cafile):
                                            context=tls_context(cafile))
     else:
         conn = http_client.HTTPConnection(host, int(port), timeout=10.0)
+    return floor_call(conn, json), conn.close
+
+
+def floor_call(conn, json):
+    """One GET of the session over ``conn`` (an ``http.client`` connection), decoded."""
     headers = {"X-API-Key": API_KEY, "Authorization": "Bearer " + ACCESS_TOKEN}
     loads = json.loads
 
@@ -142,7 +152,7 @@ def make_floor(module, url, cafile):
             raise RuntimeError(f"floor: HTTP {response.status}")
         return loads(body)["data"]["session"]
 
-    return call, conn.close
+    return call
 
 
 def session_id(result):
@@ -233,6 +243,22 @@ def run_sync_mode(client, module, options, report):
     )
 
 
+def timed_calls(call, latencies, before):
+    """As many sequential calls as ``latencies`` holds, each one's nanoseconds stored in it
+    (the first counted from ``before``, a ``perf_counter_ns``); returns the first answer and
+    the ``perf_counter_ns`` at which the last call ended."""
+    perf_ns = time.perf_counter_ns
+    first = None
+    for index in range(len(latencies)):
+        result = call()
+        now = perf_ns()
+        latencies[index] = now - before
+        before = now
+        if first is None:
+            first = result
+    return first, before
+
+
 def run_sync_cold(client, module, options, report):
     """``calls`` timed calls on a fresh client, the first of which opens the connection."""
     call, close = make_sync(client, module, options["url"], options["cafile"])
@@ -240,15 +266,8 @@ def run_sync_cold(client, module, options, report):
     perf_ns = time.perf_counter_ns
     latencies = [0] * calls
     cpu_start = time.process_time()
-    start = before = perf_ns()
-    first = None
-    for index in range(calls):
-        result = call()
-        now = perf_ns()
-        latencies[index] = now - before
-        before = now
-        if first is None:
-            first = result
+    start = perf_ns()
+    first, _ = timed_calls(call, latencies, start)
     elapsed_ns = perf_ns() - start
     cpu = time.process_time() - cpu_start
     if session_id(first) != EXPECTED_SESSION:
@@ -298,6 +317,29 @@ def run_async_mode(client, module, options, report):
     )
 
 
+def describe_client(client, module, report):
+    """Ours and the floor: which third-party packages were importable (none, under -I -S);
+    the peer: its version."""
+    if client in ("ours", "floor"):
+        import importlib.util
+
+        report["third_party_importable"] = [
+            name for name in ("httpx", "pydantic", "anyio", "h11", "certifi")
+            if importlib.util.find_spec(name) is not None
+        ]
+    if client == "peer":
+        report["peer_version"] = getattr(module, "__version__", "?")
+
+
+def emit(report):
+    """The worker's answer: ``report`` as one JSON line on stdout; the exit status."""
+    import json
+
+    sys.stdout.write(json.dumps(report) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
 def main(argv):
     client, mode, options = parse_args(argv)
     rss_start = rss_kib()
@@ -315,26 +357,14 @@ def main(argv):
         "import_in_process_s": import_s,
         "modules_after_import": len(sys.modules),
     }
-    if client in ("ours", "floor"):
-        import importlib.util
-
-        report["third_party_importable"] = [
-            name for name in ("httpx", "pydantic", "anyio", "h11", "certifi")
-            if importlib.util.find_spec(name) is not None
-        ]
-    if client == "peer":
-        report["peer_version"] = getattr(module, "__version__", "?")
+    describe_client(client, module, report)
     if mode == "sync":
         run_sync_mode(client, module, options, report)
     elif mode == "async":
         run_async_mode(client, module, options, report)
     else:
         raise SystemExit(f"worker.py: unknown mode {mode!r}")
-    import json
-
-    sys.stdout.write(json.dumps(report) + "\n")
-    sys.stdout.flush()
-    return 0
+    return emit(report)
 
 
 if __name__ == "__main__":

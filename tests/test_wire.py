@@ -112,6 +112,14 @@ def _refused(call: Callable[[], Any]) -> SpapsTransportError:
     return caught.value
 
 
+def _refused_once(make_client: Callable[..., RetryClient], raw: bytes,
+                  target: str) -> SpapsTransportError:
+    """A server answering ``raw`` once: GET ``target`` must be refused (see ``_refused``)."""
+    with raw_server(answer_once(raw)) as server:
+        client = make_client(server.url)
+        return _refused(lambda: client.request("GET", target))
+
+
 # =============================================================================================
 # The reference: what h11 makes of a response
 # =============================================================================================
@@ -569,18 +577,14 @@ def test_whitespace_before_the_colon_is_refused(
         make_client: Callable[..., RetryClient]) -> None:
     """RFC 9112 §5.1 allows no whitespace there (servers MUST reject it); h11 refuses it."""
     raw = b"HTTP/1.1 200 OK\r\nContent-Length : 5\r\n\r\nhello"
-    with raw_server(answer_once(raw)) as server:
-        client = make_client(server.url)
-        _refused(lambda: client.request("GET", "/colon"))
+    _refused_once(make_client, raw, "/colon")
 
 
 def test_a_first_header_line_starting_with_whitespace_is_refused(
         make_client: Callable[..., RetryClient]) -> None:
     """RFC 9112 §2.2: reject the message or ignore such lines; h11 rejects, and so do we."""
     raw = b"HTTP/1.1 200 OK\r\n X-Folded: yes\r\nContent-Length: 2\r\n\r\nok"
-    with raw_server(answer_once(raw)) as server:
-        client = make_client(server.url)
-        _refused(lambda: client.request("GET", "/lead"))
+    _refused_once(make_client, raw, "/lead")
 
 
 @pytest.mark.parametrize("value", [b"abc\x00def", b"abc\rdef", b"abc\ndef"],
@@ -613,9 +617,7 @@ def test_malformed_chunk_size_is_refused(make_client: Callable[..., RetryClient]
     """RFC 9112 §7.1: chunk-size = 1*HEXDIG (int(x, 16) accepts all of these)."""
     raw = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + size + b"\r\n" + BODY_5F
            + b"\r\n0\r\n\r\n")
-    with raw_server(answer_once(raw)) as server:
-        client = make_client(server.url)
-        _refused(lambda: client.request("GET", "/chunks"))
+    _refused_once(make_client, raw, "/chunks")
 
 
 @pytest.mark.parametrize("size", [b"5f ", b"5f\t", b"5f;name=value", b'5F;a="b c"', b"005f"])
@@ -647,18 +649,14 @@ def test_chunk_size_with_trailing_whitespace_or_extension_is_accepted_as_h11_doe
 def test_unicode_digits_in_status_or_content_length_are_a_transport_error(
         make_client: Callable[..., RetryClient], raw: bytes) -> None:
     """RFC 9110 §15 / §8.6: status-code = 3DIGIT, Content-Length = 1*DIGIT (ASCII only)."""
-    with raw_server(answer_once(raw)) as server:
-        client = make_client(server.url)
-        _refused(lambda: client.request("GET", "/digits"))  # never a bare ValueError
+    _refused_once(make_client, raw, "/digits")  # never a bare ValueError
 
 
 @pytest.mark.parametrize("status", [b"099", b"42", b"000", b"9"])
 def test_status_below_100_is_a_transport_error(make_client: Callable[..., RetryClient],
                                                status: bytes) -> None:
     raw = b"HTTP/1.1 " + status + b" X\r\nContent-Length: 2\r\n\r\nok"
-    with raw_server(answer_once(raw)) as server:
-        client = make_client(server.url)
-        _refused(lambda: client.request("GET", "/low"))
+    _refused_once(make_client, raw, "/low")
 
 
 def test_unrequested_101_switching_protocols_is_refused(
@@ -666,9 +664,7 @@ def test_unrequested_101_switching_protocols_is_refused(
     """RFC 9110 §15.2.2: 101 only answers an Upgrade request; the client never sends one."""
     raw = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
            b"\r\n" + OK_2)
-    with raw_server(answer_once(raw)) as server:
-        client = make_client(server.url)
-        _refused(lambda: client.request("GET", "/upgrade"))
+    _refused_once(make_client, raw, "/upgrade")
 
 
 def test_interim_100_and_103_responses_are_skipped(
