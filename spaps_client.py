@@ -447,6 +447,7 @@ class WebhookVerificationError(SpapsError, ValueError):
 # read as the next response on that connection.
 
 _MAX_HEAD = 65536
+_POOL_MAXSIZE = 256  # connections kept per origin, and worker threads of an async client
 _MAX_BODY = 16 * 1024 * 1024
 _TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")  # RFC 9110 section 5.6.2
 _STATUS_LINE = re.compile(rb"HTTP/1\.([0-9]) ([0-9]{3})(?: [\t \x21-\x7e\x80-\xff]*)?")
@@ -457,7 +458,6 @@ _FIELD_LINE = re.compile(
 _LINE_BREAK = re.compile(rb"\r?\n")
 _BLANK_LINE = re.compile(rb"\n\r?\n")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,20})[ \t]*(?:;[^\r\n]*)?")
-_NO_HEADERS: Dict[str, str] = {}
 _FRAMING_HEADERS = frozenset({"host", "content-length", "transfer-encoding"})
 
 
@@ -467,9 +467,7 @@ class _ProtocolError(Exception):
     ``status`` is the response's status when its status line was readable.
     """
 
-    def __init__(self, message: str, status: int = 0) -> None:
-        super().__init__(message)
-        self.status = status
+    status = 0
 
 
 class _BodyTooLarge(_ProtocolError):
@@ -941,7 +939,7 @@ class HttpTransport:
     """
 
     def __init__(self, *, ssl_context: Optional[ssl.SSLContext] = None,
-                 pool_maxsize: int = 256) -> None:
+                 pool_maxsize: int = _POOL_MAXSIZE) -> None:
         if pool_maxsize < 1:
             raise ValueError("pool_maxsize must be at least 1")
         self.pool_maxsize = pool_maxsize
@@ -970,7 +968,8 @@ class HttpTransport:
                                            "the call's time budget ran out before sending")
         conn.sock.settimeout(remaining)  # sendall too, on a reused connection
         conn.reader.deadline = started + timeout
-        status, response_headers = 0, _NO_HEADERS  # filled in as the response arrives
+        status = 0  # filled in as the response arrives
+        response_headers: Dict[str, str] = {}
         try:
             conn.sock.sendall(data)
             minor, status, response_headers = _read_head(conn.reader)
@@ -979,7 +978,7 @@ class HttpTransport:
         except (OSError, _ProtocolError) as exc:
             conn.sock.close()
             error = _transport_error(exc, request, sent=True)
-            error.status_code = status or getattr(exc, "status", 0) or None  # if it arrived
+            error.status_code = status or getattr(exc, "status", 0) or None  # if one arrived
             error.request_id = response_headers.get("x-request-id")
             raise error from exc
         except BaseException:
@@ -1203,14 +1202,14 @@ class RetryClient:
         self.logging_hooks = _coerce_config(logging_hooks, LoggingHooks) or LoggingHooks()
         self.allow_insecure_http = allow_insecure_http
         self.transport: Transport = transport or HttpTransport(
-            ssl_context=ssl_context, pool_maxsize=pool_maxsize or 256)
+            ssl_context=ssl_context, pool_maxsize=pool_maxsize or _POOL_MAXSIZE)
         self.clock, self.sleep, self.random = clock, sleep, random
         self._quota = _RetryQuota(self.retry_config.retry_quota)
 
     @property
     def pool_maxsize(self) -> int:
         """How many connections per origin the transport keeps (what async calls run on)."""
-        return int(getattr(self.transport, "pool_maxsize", 256))
+        return int(getattr(self.transport, "pool_maxsize", _POOL_MAXSIZE))
 
     def close(self) -> None:
         """Close the transport's connections; later calls fail."""
