@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 import urllib.request
+import uuid
 from typing import Dict, Iterator, List, Optional
 
 import pytest
@@ -18,7 +19,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from spaps_client import SpapsClient  # noqa: E402
-from spaps_mock import ADMIN_EMAIL, ADMIN_PASSWORD, MockServer  # noqa: E402
+from spaps_mock import ADMIN_EMAIL, ADMIN_PASSWORD, MockServer, RecordedRequest  # noqa: E402
 
 DEMO_EMAIL = "demo@example.com"
 DEMO_PASSWORD = "demo-password"
@@ -94,6 +95,22 @@ def grant_usage(server: MockServer, user_id: str, feature: str = "api_calls",
                      "Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=10) as answer:
             assert answer.status in (200, 201)
+
+
+def is_uuid(value: object) -> bool:
+    """Whether ``value`` reads as a UUID (the ids SPAPS hands out)."""
+    try:
+        uuid.UUID(str(value))
+    except ValueError:
+        return False
+    return True
+
+
+def only(server: MockServer, method: str, path: str) -> RecordedRequest:
+    """The single recorded request for ``method path`` (fails if there are none or several)."""
+    matches = [r for r in server.requests if r.method == method and r.path == path]
+    assert len(matches) == 1, f"expected one {method} {path}, got {len(matches)}"
+    return matches[0]
 
 
 def subject_of(access_token: str) -> str:

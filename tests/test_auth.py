@@ -8,12 +8,11 @@ caller got back (models, stored tokens, errors).
 from __future__ import annotations
 
 import asyncio
-import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any, Dict, List
 
 import pytest
-from conftest import API_KEY, DEMO_EMAIL, DEMO_PASSWORD
+from conftest import API_KEY, DEMO_EMAIL, DEMO_PASSWORD, is_uuid, only
 
 from spaps_client import (
     AsyncAuthClient,
@@ -48,19 +47,6 @@ STRONG_PASSWORD = "A-long-password-1"
 EXPIRES_IN = 3600
 
 
-def is_uuid(value: Any) -> bool:
-    try:
-        uuid.UUID(str(value))
-    except ValueError:
-        return False
-    return True
-
-
-def only(server: MockServer, method: str, path: str) -> RecordedRequest:
-    """The single recorded request for ``method path`` (fails if there are none or several)."""
-    matches = [r for r in server.requests if r.method == method and r.path == path]
-    assert len(matches) == 1, f"expected one {method} {path}, got {len(matches)}"
-    return matches[0]
 
 
 def last(server: MockServer, method: str, path: str) -> RecordedRequest:

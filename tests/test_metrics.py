@@ -7,7 +7,7 @@ import asyncio
 from typing import Any, Dict
 
 import pytest
-from conftest import API_KEY
+from conftest import API_KEY, only
 
 from spaps_client import (
     AsyncMetricsClient,
@@ -22,11 +22,6 @@ from spaps_mock import MockServer, RecordedRequest
 
 NO_RETRY = RetryConfig(max_attempts=1)
 
-
-def only(server: MockServer, method: str, path: str) -> RecordedRequest:
-    matches = [r for r in server.requests if r.method == method and r.path == path]
-    assert len(matches) == 1, f"expected one {method} {path}, got {len(matches)}"
-    return matches[0]
 
 
 def assert_healthy(document: Dict[str, Any]) -> None:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import urllib.request
-import uuid
 from datetime import datetime
 from typing import Iterator
 
 import pytest
-from conftest import API_KEY, DEMO_EMAIL, user_id_of
+from conftest import API_KEY, DEMO_EMAIL, is_uuid, user_id_of
 from service_twin import (
     SURFACES,
     Twin,
@@ -75,13 +74,6 @@ def api(request: pytest.FixtureRequest, server: MockServer, patient: str,
     with aggregate(server, request.param) as twin:
         yield twin
 
-
-def is_uuid(value: object) -> bool:
-    try:
-        uuid.UUID(str(value))
-    except ValueError:
-        return False
-    return True
 
 
 def test_create_sends_camel_case_and_returns_snake_case_model(

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any, Dict, List
 
 import pytest
-from conftest import API_KEY, DEMO_EMAIL, DEMO_PASSWORD
+from conftest import API_KEY, DEMO_EMAIL, DEMO_PASSWORD, is_uuid, only
 
 from spaps_client import (
     AsyncSessionsClient,
@@ -27,20 +27,6 @@ from spaps_client import (
     SpapsError,
 )
 from spaps_mock import APPLICATION_ID, MockServer, RecordedRequest
-
-
-def is_uuid(value: Any) -> bool:
-    try:
-        uuid.UUID(str(value))
-    except ValueError:
-        return False
-    return True
-
-
-def only(server: MockServer, method: str, path: str) -> RecordedRequest:
-    matches = [r for r in server.requests if r.method == method and r.path == path]
-    assert len(matches) == 1, f"expected one {method} {path}, got {len(matches)}"
-    return matches[0]
 
 
 def bearer(client: SpapsClient) -> str:

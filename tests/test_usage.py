@@ -3,11 +3,10 @@ record, history."""
 
 from __future__ import annotations
 
-import uuid
 from typing import Any, Dict, Iterator, List
 
 import pytest
-from conftest import grant_usage, user_id_of
+from conftest import grant_usage, is_uuid, user_id_of
 from service_twin import (
     SURFACES,
     Twin,
@@ -51,13 +50,6 @@ def api(request: pytest.FixtureRequest, server: MockServer) -> Iterator[Twin]:
             grant_usage(server, user_id_of(twin), feature, dict(limits))
         yield twin
 
-
-def is_uuid(value: Any) -> bool:
-    try:
-        uuid.UUID(str(value))
-    except ValueError:
-        return False
-    return True
 
 
 def used(api: Twin, feature: str) -> float:
